@@ -1,0 +1,1 @@
+"""trimtab.backend: loading, converting, the model and generation."""

@@ -1,0 +1,232 @@
+"""The decoder-only transformer that every supported architecture shares.
+
+Each architecture file (llama.py, mistral.py, qwen2.py, mixtral.py) names its config quirks
+(a `ModelArgs` subclass) and checkpoint quirks (`sanitize`). Weights arrive with Hugging Face
+names; after `sanitize` they follow the Llama naming below (Mixtral adds its experts).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from trimtab.backend import ops
+from trimtab.backend.errors import UnsupportedModelError
+from trimtab.backend.kv_cache import KVCache
+from trimtab.backend.rope import rope_spec
+
+MAX_LAYERS = 1024
+
+
+@dataclass
+class ModelArgs:
+    """Field names match config.json; unknown config keys are ignored."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    vocab_size: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    partial_rotary_factor: float = 1.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    attention_bias: bool = False  # Llama: bias on q, k, v and o
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 0
+
+    # Per architecture: does q/k/v carry a bias while o does not (Qwen2)?
+    qkv_bias_only = False
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelArgs":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in config.items() if k in fields}
+        # transformers 5 saves rope settings as `rope_parameters` (theta included)
+        rope_parameters = config.get("rope_parameters")
+        if isinstance(rope_parameters, dict):
+            values.setdefault("rope_theta", rope_parameters.get("rope_theta", cls.rope_theta))
+            if rope_parameters.get("rope_type", "default") != "default":
+                values["rope_scaling"] = rope_parameters
+        return cls(**values)
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UnsupportedModelError(
+                f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if not 0 < self.num_hidden_layers <= MAX_LAYERS:
+            raise UnsupportedModelError(f"num_hidden_layers {self.num_hidden_layers} is out of range")
+        if self.hidden_act not in ("silu", "swish"):
+            raise UnsupportedModelError(f"activation {self.hidden_act!r} is not supported (only silu)")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def layer_sliding_window(self, layer: int) -> int | None:
+        """The attention window of one layer (None: full attention)."""
+        return self.sliding_window
+
+
+class Linear:
+    """y = x Wᵀ + b. The quantized engine swaps in its own kind with the same call."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight = weight  # [out, in]
+        self.bias = bias      # [out] or None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class WeightReader:
+    """Takes tensors by name, converted to the compute dtype, and reports the ones never used."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], dtype: torch.dtype, device):
+        self.weights = weights
+        self.dtype = dtype
+        self.device = device
+        self.used: set[str] = set()
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self.weights:
+            raise UnsupportedModelError(f"the checkpoint has no tensor {name!r}")
+        self.used.add(name)
+        return self.weights[name].to(device=self.device, dtype=self.dtype)
+
+    def optional(self, name: str) -> torch.Tensor | None:
+        return self.tensor(name) if name in self.weights else None
+
+    def linear(self, prefix: str, bias: bool) -> Linear:
+        return Linear(self.tensor(prefix + ".weight"), self.tensor(prefix + ".bias") if bias else None)
+
+    def unused(self) -> list[str]:
+        return sorted(set(self.weights) - self.used)
+
+
+class RMSNorm:
+    def __init__(self, weight: torch.Tensor, eps: float):
+        self.weight = weight  # [D]
+        self.eps = eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class Attention:
+    def __init__(self, args: ModelArgs, w: WeightReader, prefix: str):
+        qkv_bias = args.attention_bias or args.qkv_bias_only
+        self.q_proj = w.linear(prefix + ".q_proj", qkv_bias)
+        self.k_proj = w.linear(prefix + ".k_proj", qkv_bias)
+        self.v_proj = w.linear(prefix + ".v_proj", qkv_bias)
+        self.o_proj = w.linear(prefix + ".o_proj", args.attention_bias)
+        self.num_heads = args.num_attention_heads
+        self.num_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+
+    def __call__(self, x, positions, rope, cache: KVCache, layer: int, mask):
+        # x: [B, S, D]; positions: [B, S]; mask: bool [B, 1, S, T]
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
+        q = ops.rotary_embedding(q, positions, rope.inv_freq, rope.attention_scaling)
+        k = ops.rotary_embedding(k, positions, rope.inv_freq, rope.attention_scaling)
+        keys, values = cache.store(layer, k.transpose(1, 2), v.transpose(1, 2))  # [B, H_kv, T, hd]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+
+
+class GatedMLP:
+    """down(silu(gate(x)) * up(x))"""
+
+    def __init__(self, args: ModelArgs, w: WeightReader, prefix: str):
+        self.gate_proj = w.linear(prefix + ".gate_proj", args.mlp_bias)
+        self.up_proj = w.linear(prefix + ".up_proj", args.mlp_bias)
+        self.down_proj = w.linear(prefix + ".down_proj", args.mlp_bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer:
+    def __init__(self, args: ModelArgs, w: WeightReader, index: int, mlp_factory):
+        prefix = f"model.layers.{index}"
+        self.index = index
+        self.input_layernorm = RMSNorm(w.tensor(prefix + ".input_layernorm.weight"), args.rms_norm_eps)
+        self.self_attn = Attention(args, w, prefix + ".self_attn")
+        self.post_attention_layernorm = RMSNorm(
+            w.tensor(prefix + ".post_attention_layernorm.weight"), args.rms_norm_eps)
+        self.mlp = mlp_factory(args, w, prefix)
+        self.sliding_window = args.layer_sliding_window(index)
+
+    def __call__(self, x, positions, rope, cache, masks):
+        h = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, self.index,
+                               masks[self.sliding_window])
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def gated_mlp(args: ModelArgs, w: WeightReader, layer_prefix: str):
+    return GatedMLP(args, w, layer_prefix + ".mlp")
+
+
+class Transformer:
+    """Embedding → decoder layers → norm → head. One class for every supported architecture."""
+
+    mlp_factory = staticmethod(gated_mlp)
+
+    def __init__(self, args: ModelArgs, weights: Mapping[str, torch.Tensor], *,
+                 dtype: torch.dtype = torch.float32, device="cpu"):
+        self.args = args
+        self.dtype = dtype
+        self.device = torch.device(device)
+        w = WeightReader(weights, dtype, self.device)
+        self.embed_tokens = w.tensor("model.embed_tokens.weight")  # [V, D]
+        self.layers = [DecoderLayer(args, w, i, self.mlp_factory) for i in range(args.num_hidden_layers)]
+        self.norm = RMSNorm(w.tensor("model.norm.weight"), args.rms_norm_eps)
+        head = w.optional("lm_head.weight")
+        if head is None or args.tie_word_embeddings:
+            head = self.embed_tokens
+        self.lm_head = Linear(head)
+        self.rope = rope_spec(args.rope_theta, args.rotary_dim, args.rope_scaling)
+        self.rope = type(self.rope)(self.rope.inv_freq.to(self.device), self.rope.attention_scaling)
+        self.unused_weights = w.unused()
+        if self.embed_tokens.shape[0] != args.vocab_size:
+            raise UnsupportedModelError(
+                f"embedding has {self.embed_tokens.shape[0]} rows but vocab_size is {args.vocab_size}")
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        return KVCache(num_layers=len(self.layers), batch_size=batch_size,
+                       num_kv_heads=self.args.num_key_value_heads, head_dim=self.args.head_dim,
+                       max_len=max_len, dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache, *, last_only: bool = False) -> torch.Tensor:
+        """tokens: [B, S] int64 → logits float32 [B, S, V] (or [B, 1, V] with last_only)."""
+        S = tokens.shape[1]
+        positions = cache.positions(S)  # [B, S]
+        windows = {layer.sliding_window for layer in self.layers}
+        masks = {window: cache.attention_mask(S, window) for window in windows}
+        x = F.embedding(tokens, self.embed_tokens)  # [B, S, D]
+        for layer in self.layers:
+            x = layer(x, positions, self.rope, cache, masks)
+        cache.advance(S)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)).float()

@@ -1,0 +1,243 @@
+"""trimtab's compiled ops, built from ``csrc/`` on first use.
+
+    from trimtab.backend import ops
+    y = ops.rms_norm(x, weight, eps)                                  # x: [..., D]
+    q = ops.rotary_embedding(q, positions, inv_freq, attention_scaling=1.0, interleaved=False)
+
+Building. The first call compiles ``csrc/*.cpp`` with ``torch.utils.cpp_extension.load``
+(JIT, ninja; about a minute) and loads the library, which registers ``torch.ops.trimtab.*``.
+The result is cached on disk, so later processes only load it (well under a second). The
+cache lives in ``$TRIMTAB_BUILD_DIR`` if set, else in torch's extension cache
+(``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), one folder per build.
+The sources are found through the ``trimtab.csrc`` package, where they ship as package data.
+
+SIMD choice. The engine is compiled for the machine it runs on (``-O3 -march=native``) rather
+than for a portable baseline: AVX2/FMA/F16C (or whatever the host has) are then available to
+every kernel without runtime dispatch code, and a JIT build happens on the host anyway. The
+price is that a binary is only valid on CPUs with the same instruction sets, so the cached
+build's name carries a short hash of the host CPU's ISA flags (``/proc/cpuinfo``, else the
+platform's description) together with the sources, compiler flags, torch and Python
+versions. A cache shared between machines (a network home, a container image) therefore
+never loads a binary built for another CPU: each CPU kind gets its own build.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from . import reference_ops
+from .errors import TrimtabError
+
+__all__ = ["load_extension", "rms_norm", "rotary_embedding"]
+
+_build_lock = threading.Lock()
+_library_path: Path | None = None  # set once the library is loaded in this process
+_build_error: TrimtabError | None = None  # a failed build is not retried in this process
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS norm with HF LlamaRMSNorm semantics. x: [..., D], weight: [D] -> [..., D] in x's dtype."""
+    if x.device.type != "cpu":  # no compiled kernel for this device yet: the PyTorch reference runs there
+        return reference_ops.rms_norm_reference(x, weight, eps)
+    load_extension()
+    return torch.ops.trimtab.rms_norm(x, weight, eps)
+
+
+def rotary_embedding(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_scaling: float = 1.0,
+    interleaved: bool = False,
+) -> torch.Tensor:
+    """Rotary position embedding, out of place.
+
+    x: [B, S, H, D]; positions: [B, S] int64; inv_freq: [R/2] float32 with R <= D (only the
+    first R dims of each head rotate). interleaved=False pairs (i, i + R/2) as HF's
+    rotate_half; interleaved=True pairs (2i, 2i + 1) as GPT-J and GGUF.
+    """
+    if x.device.type != "cpu":  # no compiled kernel for this device yet: the PyTorch reference runs there
+        return reference_ops.rotary_embedding_reference(x, positions, inv_freq, attention_scaling, interleaved)
+    load_extension()
+    return torch.ops.trimtab.rotary_embedding(x, positions, inv_freq, attention_scaling, interleaved)
+
+
+def load_extension() -> Path:
+    """Build (first use only) and load the CPU engine; returns the loaded library's path."""
+    global _library_path, _build_error
+    if _library_path is not None:
+        return _library_path
+    with _build_lock:
+        if _library_path is None:
+            if _build_error is not None:
+                raise _build_error
+            try:
+                _library_path = _build_and_load()
+            except TrimtabError as exc:
+                _build_error = exc
+                raise
+    return _library_path
+
+
+# ---- building ------------------------------------------------------------------------
+
+
+def _build_and_load() -> Path:
+    sources = _source_files()
+    cflags, ldflags = _compiler_flags()
+    name = "trimtab_cpu_" + _build_hash(sources, cflags + ldflags)
+    build_dir = _build_root() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    library = build_dir / f"{name}{'.pyd' if sys.platform == 'win32' else '.so'}"  # torch's LIB_EXT
+
+    # The name pins sources, flags and CPU, so an existing library is the right one: load it
+    # directly (~1 ms) instead of asking torch/ninja to confirm it is up to date (~200 ms).
+    # torch's "lock" file means another process is building it right now: wait for that.
+    if library.exists() and not (build_dir / "lock").exists():
+        try:
+            torch.ops.load_library(str(library))
+        except (OSError, RuntimeError) as exc:
+            raise TrimtabError(f"{library}: cannot load the cached CPU engine ({exc}); "
+                               f"delete {build_dir} to rebuild it") from exc
+        return library
+
+    _check_build_tools()
+    first_build = not library.exists()
+    if first_build:
+        print("trimtab: compiling the CPU engine (first use only, about a minute)...",
+              file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    try:
+        from torch.utils import cpp_extension  # imports setuptools (~0.25 s): only when building
+
+        cpp_extension.load(
+            name=name,
+            sources=[str(s) for s in sources if s.suffix == ".cpp"],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            build_directory=str(build_dir),
+            is_python_module=False,  # the library only registers torch.ops.trimtab.*
+            verbose=False,
+        )
+    except Exception as exc:  # compile, link or load: torch's message carries the compiler output
+        raise _build_failure(exc, build_dir) from exc
+    if first_build:
+        print(f"trimtab: CPU engine compiled in {time.perf_counter() - started:.0f} s ({build_dir})",
+              file=sys.stderr, flush=True)
+    return library
+
+
+def _source_files() -> list[Path]:
+    """csrc/*.cpp and *.h, from the installed `trimtab.csrc` package (sorted: stable hash)."""
+    package = importlib.resources.files("trimtab.csrc")
+    try:
+        root = Path(os.fspath(package))
+    except TypeError:
+        raise TrimtabError(
+            f"trimtab's C++ sources are not on the file system ({package}); "
+            "install trimtab unzipped so that the compiler can read them") from None
+    sources = sorted(p for p in root.iterdir() if p.suffix in (".cpp", ".h"))
+    if not any(p.suffix == ".cpp" for p in sources):
+        raise TrimtabError(f"{root}: no C++ sources (csrc/*.cpp) found; the trimtab install is incomplete")
+    return sources
+
+
+def _compiler_flags() -> tuple[list[str], list[str]]:
+    """(compile flags, link flags) targeting the host CPU."""
+    if sys.platform == "win32":
+        return ["/O2"], []
+    cflags = ["-O3"]
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i686", "i386"):
+        cflags.append("-march=native")
+    elif machine in ("aarch64", "arm64"):
+        cflags.append("-mcpu=native")
+    ldflags: list[str] = []
+    # at::parallel_for only runs in parallel when compiled with OpenMP (torch's own backend on
+    # Linux); the library then shares torch's already-loaded libgomp and its thread count.
+    if sys.platform.startswith("linux"):
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    return cflags, ldflags
+
+
+def _host_isa() -> str:
+    """The host CPU's instruction-set flags, as one normalised string."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, ARM
+            return " ".join(sorted(value.split()))
+    return f"{platform.machine()} {platform.processor()} {platform.platform()}"
+
+
+def _build_hash(sources: list[Path], flags: list[str]) -> str:
+    """Short hash naming one build: host ISA, sources (headers too), flags, torch, Python."""
+    digest = hashlib.sha256()
+    for part in (_host_isa(), torch.__version__, sys.implementation.cache_tag,
+                 os.environ.get("CXX", ""), " ".join(flags)):
+        digest.update(part.encode() + b"\0")
+    for source in sources:
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def _build_root() -> Path:
+    custom = os.environ.get("TRIMTAB_BUILD_DIR")
+    if custom:
+        return Path(custom).expanduser()
+    torch_root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if torch_root:
+        return Path(torch_root)
+    # What torch.utils.cpp_extension.get_default_build_root() returns, without importing
+    # cpp_extension and with it setuptools, which would triple the cost of a cached load.
+    from torch import _appdirs
+
+    return Path(os.path.realpath(_appdirs.user_cache_dir(appname="torch_extensions")))
+
+
+def _check_build_tools() -> None:
+    """Fail early, naming the missing tool, rather than through torch's build log."""
+    compiler = os.environ.get("CXX", "cl" if sys.platform == "win32" else "c++")  # as torch picks it
+    if shutil.which(compiler) is None:
+        raise TrimtabError(f"trimtab needs a C++ compiler to build its CPU engine and found none "
+                           f"(looked for {compiler!r} on PATH): install g++ or clang++, or set CXX")
+    if shutil.which("ninja") is None:
+        # torch runs `ninja` from PATH; the pip package may sit in a venv that is not activated.
+        try:
+            import ninja
+        except ImportError:
+            raise TrimtabError("trimtab needs the ninja build tool to build its CPU engine: "
+                               "pip install ninja") from None
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def _build_failure(exc: Exception, build_dir: Path) -> TrimtabError:
+    """A TrimtabError with the compiler's first error; its full output goes to build.log."""
+    log = build_dir / "build.log"
+    try:
+        log.write_text(f"{type(exc).__name__}: {exc}\n")
+        where = f"full compiler output: {log}"
+    except OSError:
+        where = f"compiler output:\n{exc}"
+    first_error = _first_error_line(str(exc)) or type(exc).__name__
+    return TrimtabError(f"trimtab could not build its CPU engine: {first_error}; {where}")
+
+
+def _first_error_line(output: str) -> str:
+    """The compiler's first `error:` line (the one worth reading), else the first line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() and not line.startswith("Error building")]
+    return (errors or lines or [""])[0][:300]

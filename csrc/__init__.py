@@ -1,0 +1,1 @@
+"""Sources of trimtab's compiled engine; `trimtab.backend.ops` builds and loads them."""

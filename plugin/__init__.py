@@ -1,0 +1,1 @@
+"""trimtab.plugin: front ends over one generator (command line now; LangChain, webui, Gradio later)."""

@@ -1,0 +1,1 @@
+"""Vetted generation presets (text-generation-webui YAML) and the guard's policy."""
