@@ -30,6 +30,7 @@ import torch
 
 from .errors import ModelFileError, UnsupportedModelError
 from .gguf_tokenizer import build_tokenizer
+from .rope import base_inv_freq, llama3_inv_freq
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -658,10 +659,10 @@ def _rope_scaling(hp: _HParams, meta: dict, rope_freqs, path: str) -> dict | Non
 def llama3_factors(theta: float, head_dim: int, factor: float, low_freq_factor: float,
                    high_freq_factor: float, original_context: int) -> np.ndarray:
     """Per-frequency divisors of Llama 3's rope scaling (what GGUF stores as rope_freqs)."""
-    wavelen = 2 * math.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-    smooth = np.clip(smooth, 0.0, 1.0)  # 0: long waves, scaled by factor; 1: short waves, untouched
-    return 1.0 / ((1.0 - smooth) / factor + smooth)
+    base = base_inv_freq(theta, head_dim).double()
+    scaling = {"factor": factor, "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
+               "original_max_position_embeddings": original_context}
+    return (base / llama3_inv_freq(base, scaling)).numpy()
 
 
 def llama3_rope_scaling(rope_freqs: np.ndarray, theta: float, head_dim: int, path: str) -> dict | None:
@@ -677,7 +678,7 @@ def llama3_rope_scaling(rope_freqs: np.ndarray, theta: float, head_dim: int, pat
     factor = float(factors.max())
     if np.allclose(factors, 1.0, rtol=0, atol=1e-6):
         return None
-    wavelen = 2 * math.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = (2 * math.pi / base_inv_freq(theta, head_dim).double()).numpy()
     low = 1.0
     middle = (factors > 1 + 1e-4) & (factors < factor * (1 - 1e-4))
     smooth = (1 / factors[middle] - 1 / factor) / (1 - 1 / factor)

@@ -9,6 +9,9 @@ Needs `pip install transformers llama-cpp-python` (not part of the test suite).
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
+import subprocess
 import statistics
 import sys
 import time
@@ -56,17 +59,25 @@ class TransformersEngine:
         path = default_model_path()
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+        # transformers 5.x renames past_key_values to cache; the cache object is filled in place
+        parameters = inspect.signature(self.model.forward).parameters
+        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
 
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> None:
-        out = self.model(torch.tensor([ids]), use_cache=True)
-        self.past, self.next = out.past_key_values, int(out.logits[0, -1].argmax())
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache()
+        self._step(torch.tensor([ids]))
 
     @torch.inference_mode()
     def decode(self, steps: int) -> None:
         for _ in range(steps):
-            out = self.model(torch.tensor([[self.next]]), past_key_values=self.past, use_cache=True)
-            self.past, self.next = out.past_key_values, int(out.logits[0, -1].argmax())
+            self._step(torch.tensor([[self.next]]))
+
+    def _step(self, ids: torch.Tensor) -> None:
+        out = self.model(ids, **{self.cache_argument: self.cache}, use_cache=True)
+        self.next = int(out.logits[0, -1].argmax())
 
 
 class LlamaCppEngine:
@@ -101,34 +112,44 @@ def measure(engine, ids: list[int], repeats: int, decode_tokens: int) -> tuple[f
     return PREFILL_TOKENS / prefill_s, decode_tokens / statistics.median(decode_times[1:])
 
 
+ENGINES = {cls.__name__: cls for cls in (TrimtabEngine, TransformersEngine, LlamaCppEngine)}
+
+
+def run_engine(name: str, args: argparse.Namespace) -> tuple[float, float]:
+    """Measure one engine in a process of its own, so no engine's thread pool disturbs another's."""
+    command = [sys.executable, __file__, "--engine", name, "--threads", str(args.threads),
+               "--repeats", str(args.repeats), "--decode-tokens", str(args.decode_tokens)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return tuple(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def measure_engine(name: str, args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    ids = trimtab.load().tokenizer.encode(WIKI.read_text(encoding="utf-8")[:20000])
+    engine = ENGINES[name](args.threads, PREFILL_TOKENS + args.decode_tokens + DECODE_PROMPT_TOKENS)
+    print(json.dumps(measure(engine, ids, args.repeats, args.decode_tokens)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--engine", choices=sorted(ENGINES), help=argparse.SUPPRESS)  # one engine, in a child
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.engine:
+        return measure_engine(args.engine, args)
 
-    tokenizer = trimtab.load().tokenizer
-    ids = tokenizer.encode(WIKI.read_text(encoding="utf-8")[:20000])
-    context = PREFILL_TOKENS + args.decode_tokens + DECODE_PROMPT_TOKENS
-    rows, results = [], {}
-    for engine_cls in tqdm([TrimtabEngine, TransformersEngine, LlamaCppEngine], desc="engines"):
-        engine = engine_cls(args.threads, context)
-        prefill_tps, decode_tps = measure(engine, ids, args.repeats, args.decode_tokens)
-        results[engine_cls.name] = (prefill_tps, decode_tps)
-        del engine
-
+    results = {ENGINES[name].name: run_engine(name, args) for name in tqdm(ENGINES, desc="engines")}
     ours = results[TrimtabEngine.name]
-    for name, (prefill_tps, decode_tps) in results.items():
-        rows.append([name, f"{decode_tps:.1f}", f"{prefill_tps:.1f}",
-                     f"{ours[1] / decode_tps:.2f}×", f"{ours[0] / prefill_tps:.2f}×"])
+    rows = [[name, f"{decode_tps:.1f}", f"{prefill_tps:.1f}", f"{ours[1] / decode_tps:.2f}×",
+             f"{ours[0] / prefill_tps:.2f}×"] for name, (prefill_tps, decode_tps) in results.items()]
     body = (
-        f"Embedded default model (SmolLM2-135M-Instruct Q4_1 GGUF), {args.threads} threads, greedy. "
-        f"Decode: {args.decode_tokens} tokens after a {DECODE_PROMPT_TOKENS}-token prompt; prefill: "
-        f"{PREFILL_TOKENS} tokens of `wiki.utf8`. Medians of {args.repeats} runs after a warm-up. "
-        "trimtab here is the float reference path (weights dequantized to fp32); the quantized engine "
-        "is a later issue.\n\n"
+        f"Embedded default model (SmolLM2-135M-Instruct Q4_1 GGUF), {args.threads} threads, greedy, each "
+        f"engine in its own process. Decode: {args.decode_tokens} tokens after a {DECODE_PROMPT_TOKENS}-token "
+        f"prompt; prefill: {PREFILL_TOKENS} tokens of `wiki.utf8`. Medians of {args.repeats} runs after a "
+        "warm-up. trimtab here is the float reference path (weights dequantized to fp32); the quantized "
+        "engine is a later issue. Ratios are trimtab's tokens/s over each engine's.\n\n"
         + markdown_table(["engine", "decode tok/s", "prefill(512) tok/s", "trimtab decode ratio",
                           "trimtab prefill ratio"], rows)
     )

@@ -36,6 +36,14 @@ def default_gguf_path() -> Path | None:
     return path if path.is_file() else None
 
 
+def assert_weights_equal(actual: dict, expected: dict):
+    """Same names, float32, bit-equal values (torch.equal: assert_close takes seconds per 100M values)."""
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == torch.float32, name
+        assert torch.equal(actual[name], tensor.float()), f"{name}: off by {(actual[name] - tensor).abs().max()}"
+
+
 # --- (1) the embedded default model against transformers ---------------------------------------
 
 @pytest.fixture(scope="module")
@@ -139,12 +147,8 @@ def test_default_config(default_contents, hf_checkpoint):
 
 def test_default_weights_match_transformers(default_contents, hf_checkpoint):
     """transformers undoes the Q/K rope permutation too: equal weights prove ours."""
-    ours, theirs = default_contents.weights, hf_checkpoint["tensors"]
-    assert sorted(ours) == sorted(theirs)
-    for name, tensor in ours.items():
-        assert tensor.dtype == torch.float32
-        torch.testing.assert_close(tensor, theirs[name].float(), rtol=0, atol=1e-6, msg=name)
-    q = ours["model.layers.0.self_attn.q_proj.weight"]
+    assert_weights_equal(default_contents.weights, hf_checkpoint["tensors"])  # same dequantizer: bit-equal
+    q = default_contents.weights["model.layers.0.self_attn.q_proj.weight"]
     assert not torch.equal(permute_rope_rows(q, 9), q)  # the permutation is not trivially the identity
 
 
@@ -155,7 +159,8 @@ def test_default_model_predicts_with_unpermuted_weights(default_contents, our_to
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model = LlamaForCausalLM(LlamaConfig(**default_contents.config)).eval()
-    model.load_state_dict(default_contents.weights, strict=False)  # lm_head is tied to the embedding
+    loaded = model.load_state_dict(default_contents.weights, strict=False)
+    assert loaded.unexpected_keys == [] and loaded.missing_keys == ["lm_head.weight"]  # tied to the embedding
     prompt = our_tokenizer.encode("The capital of France is").ids
     text = our_tokenizer.encode(" Paris. The Eiffel Tower was built there in 1889 for the World's Fair.").ids
     ids = torch.tensor([prompt + text])
@@ -167,8 +172,8 @@ def test_default_model_predicts_with_unpermuted_weights(default_contents, our_to
             attention.k_proj.weight.copy_(permute_rope_rows(attention.k_proj.weight, 3))
         wrong = model(ids, labels=ids)
     assert our_tokenizer.decode([right.logits[0, len(prompt) - 1].argmax().item()]) == " Paris"
-    assert right.loss.item() < 4.0 and wrong.loss.item() > right.loss.item() + 1.0, (right.loss, wrong.loss)
-    print(right.loss, wrong.loss)
+    # seen: 1.64 nats per token with the rows in HF order, 3.07 with them left in GGUF's order
+    assert right.loss.item() < 2.5 and wrong.loss.item() > right.loss.item() + 0.75, (right.loss, wrong.loss)
 
 
 # --- (2) tiny synthetic GGUF files ---------------------------------------------------------------
@@ -372,13 +377,6 @@ def make_tiny_model(tmp_path: Path, arch: str, *, hidden=64, heads=4, kv_heads=2
     return path, expected
 
 
-def assert_weights_equal(actual: dict, expected: dict):
-    assert sorted(actual) == sorted(expected)
-    for name, tensor in expected.items():
-        assert actual[name].dtype == torch.float32, name
-        torch.testing.assert_close(actual[name], tensor.float(), rtol=0, atol=0, msg=name)
-
-
 def test_permute_then_unpermute_is_identity():
     for n_heads, head_dim, cols in ((1, 2, 3), (4, 16, 8), (3, 64, 5)):
         weight = torch.randn(n_heads * head_dim, cols)
@@ -490,8 +488,7 @@ def test_export_round_trip(tiny_llama, tmp_path):
 
     model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    for name, tensor in model.state_dict().items():
-        torch.testing.assert_close(tensor, tiny_llama.weights[name], rtol=0, atol=0)
+    assert_weights_equal(model.state_dict(), tiny_llama.weights)
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     ours = Tokenizer.from_str(tiny_llama.tokenizer_json)
     for text in ("the thin in", "<|im_start|>the<|im_end|>", "héllo 😀\n"):
