@@ -53,19 +53,25 @@ class Model:
         """Continue a plain text prompt."""
         return self._finish(self.stream(prompt, **settings))
 
-    def chat(self, messages: list[dict], **settings) -> Completion:
-        """Answer a conversation rendered with the model's own chat template."""
+    def chat(self, messages: list[dict], *, tools: list[dict] | None = None,
+             documents: list[dict] | None = None, **settings) -> Completion:
+        """Answer a conversation rendered with the model's own chat template (tools and
+        documents are handed to the template, for templates that use them)."""
         if isinstance(messages, str):
             raise TrimtabError("chat() takes a list of messages such as [{'role': 'user', 'content': '...'}]")
-        return self._finish(self.stream(messages, **settings))
+        return self._finish(self.stream(messages, tools=tools, documents=documents, **settings))
 
-    def stream(self, prompt_or_messages: str | list[dict], **settings) -> Stream:
+    def stream(self, prompt_or_messages: str | list[dict], *, tools: list[dict] | None = None,
+               documents: list[dict] | None = None, **settings) -> Stream:
         """Yield text pieces of a reply to a prompt (str) or a conversation (list of messages)."""
         parsed = parse_settings(settings)
         if isinstance(prompt_or_messages, str):
+            if tools or documents:
+                raise TrimtabError("tools and documents need a conversation (a list of messages), not a plain prompt")
             prompt_ids = self.tokenizer.encode(prompt_or_messages)
         else:
-            prompt_ids = self.tokenizer.encode_chat(prompt_or_messages, add_generation_prompt=True)
+            prompt_ids = self.tokenizer.encode_chat(prompt_or_messages, add_generation_prompt=True,
+                                                    tools=tools, documents=documents)
         if not prompt_ids:
             raise TrimtabError("the prompt is empty")
         room = self.context_length - len(prompt_ids)

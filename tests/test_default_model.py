@@ -68,3 +68,21 @@ def test_logits_match_transformers_loading_the_same_gguf(model):
                                     log_target=True, reduction="none").sum(-1).mean().item()
     assert top1_agreement >= 0.99, top1_agreement
     assert kl < 1e-3, kl
+
+
+def test_import_gguf_writes_a_dir_that_loads_as_the_same_model(model, tmp_path, capsys):
+    from trimtab.plugin.cli import main
+
+    out = tmp_path / "smollm2"
+    assert main(["import-gguf", str(default_model_path()), str(out)]) == 0
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    imported = trimtab.load(out)
+    ids = model.tokenizer.encode("The quick brown fox jumps over the lazy dog.")
+    assert imported.tokenizer.encode("The quick brown fox jumps over the lazy dog.") == ids
+    assert torch.equal(imported.logits(ids), model.logits(ids))
+
+    before = (out / "config.json").read_bytes()
+    assert main(["import-gguf", str(default_model_path()), str(out)]) == 1  # no tty: never overwrites
+    assert "--force" in capsys.readouterr().err
+    assert (out / "config.json").read_bytes() == before

@@ -108,3 +108,19 @@ def test_bad_settings(tmp_path, settings, message):
 def test_wrong_device_is_an_error():
     with pytest.raises(TrimtabError, match="device"):
         trimtab.load(device="tpu")
+
+
+def test_tools_and_documents_reach_the_template(tmp_path):
+    write_tiny_model_dir("llama", tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for t in tools or [] %}{{ t['name'] }} {% endfor %}"
+                               "{% for d in documents or [] %}{{ d['title'] }} {% endfor %}" + config["chat_template"])
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    model = trimtab.load(tmp_path)
+    messages = [{"role": "user", "content": "w5"}]
+    plain = model.chat(messages, temperature=0, max_new_tokens=1).usage.prompt_tokens
+    with_both = model.chat(messages, tools=[{"name": "w40"}], documents=[{"title": "w41"}],
+                           temperature=0, max_new_tokens=1).usage.prompt_tokens
+    assert with_both == plain + 2
+    with pytest.raises(TrimtabError, match="conversation"):
+        model.generate("w5", tools=[{"name": "w40"}])
