@@ -2,39 +2,45 @@
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
 from trimtab.backend import hf_loader
-from trimtab.backend.completion import Completion, Usage
+from trimtab.backend.completion import Completion
 from trimtab.backend.default_model import default_model_path
 from trimtab.backend.errors import ModelFileError, TrimtabError, UnsupportedModelError
-from trimtab.backend.generation import generate_tokens, prefill
+from trimtab.backend.generation import Generation, prefill
 from trimtab.backend.models import architecture_for
 from trimtab.backend.models.base import Transformer
-from trimtab.backend.settings import parse_settings
+from trimtab.backend.guard import ModelTraits, resolve_settings
 from trimtab.backend.tokenizer import Tokenizer
 
 DEVICES = ("cpu", "cuda", "auto")
 
 
 class Stream:
-    """Text pieces as they decode; after the last one, `.completion` holds the whole result."""
+    """Text pieces as they decode; `.overrides` says what the guard changed before the first piece,
+    and after the last piece `.completion` holds the whole result."""
 
-    def __init__(self, pieces_of: "callable", cancel: threading.Event):
-        self._cancel = cancel
+    def __init__(self, generation: Generation):
+        self._generation = generation
+        self.overrides = generation.overrides
         self.completion: Completion | None = None
-        self._pieces = pieces_of(self)
+        self._pieces = self._run()
 
     def __iter__(self) -> Iterator[str]:
         return self._pieces
 
+    def _run(self) -> Iterator[str]:
+        for _, piece in self._generation:
+            yield piece
+        self.completion = self._generation.completions[0]
+
     def cancel(self) -> None:
-        """Stop at the next token; the completion's finish_reason becomes "cancelled"."""
-        self._cancel.set()
+        """Stop at the next token (from any thread); the finish_reason becomes "cancelled"."""
+        self._generation.cancel.set()
 
 
 class Model:
@@ -43,28 +49,34 @@ class Model:
         self.tokenizer = tokenizer
         self.name = name
         self.config = config
+        self.traits = ModelTraits(has_chat_template=tokenizer.chat_template is not None,
+                                  eos_token_ids=tuple(tokenizer.eos_token_ids))
 
     @property
     def context_length(self) -> int:
         return self.transformer.args.max_position_embeddings
 
     # -- generation -------------------------------------------------------------------------
-    def generate(self, prompt: str, **settings) -> Completion:
-        """Continue a plain text prompt."""
-        return self._finish(self.stream(prompt, **settings))
+    # Settings: `preset` (a vetted preset's name, a webui preset file, or a dict; default
+    # "balanced") overlaid with keyword settings by text-generation-webui's names, then the guard
+    # (`guard="enforce" | "warn" | "off"`); what it changed is in the result's `.overrides`.
 
-    def chat(self, messages: list[dict], *, tools: list[dict] | None = None,
-             documents: list[dict] | None = None, **settings) -> Completion:
+    def generate(self, prompt: str, *, preset=None, guard: str = "enforce", **settings) -> Completion:
+        """Continue a plain text prompt."""
+        return self._finish(self.stream(prompt, preset=preset, guard=guard, **settings))
+
+    def chat(self, messages: list[dict], *, tools: list[dict] | None = None, documents: list[dict] | None = None,
+             preset=None, guard: str = "enforce", **settings) -> Completion:
         """Answer a conversation rendered with the model's own chat template (tools and
         documents are handed to the template, for templates that use them)."""
         if isinstance(messages, str):
             raise TrimtabError("chat() takes a list of messages such as [{'role': 'user', 'content': '...'}]")
-        return self._finish(self.stream(messages, tools=tools, documents=documents, **settings))
+        return self._finish(self.stream(messages, tools=tools, documents=documents, preset=preset,
+                                        guard=guard, **settings))
 
     def stream(self, prompt_or_messages: str | list[dict], *, tools: list[dict] | None = None,
-               documents: list[dict] | None = None, **settings) -> Stream:
+               documents: list[dict] | None = None, preset=None, guard: str = "enforce", **settings) -> Stream:
         """Yield text pieces of a reply to a prompt (str) or a conversation (list of messages)."""
-        parsed = parse_settings(settings)
         if isinstance(prompt_or_messages, str):
             if tools or documents:
                 raise TrimtabError("tools and documents need a conversation (a list of messages), not a plain prompt")
@@ -72,40 +84,29 @@ class Model:
         else:
             prompt_ids = self.tokenizer.encode_chat(prompt_or_messages, add_generation_prompt=True,
                                                     tools=tools, documents=documents)
-        if not prompt_ids:
+        return Stream(self._generation([prompt_ids], preset, guard, settings))
+
+    def chat_batch(self, conversations: list[list[dict]], *, preset=None, guard: str = "enforce",
+                   **settings) -> list[Completion]:
+        """Answer several conversations at once, decoded together as one batch; results in order."""
+        if not conversations:
+            return []
+        prompts = [self.tokenizer.encode_chat(messages, add_generation_prompt=True) for messages in conversations]
+        generation = self._generation(prompts, preset, guard, settings)
+        for _ in generation:
+            pass
+        return generation.completions
+
+    def _generation(self, prompts: list[list[int]], preset, guard_mode: str, settings: dict) -> Generation:
+        safe, overrides = resolve_settings(preset, settings, self.traits, guard_mode)
+        longest = max(len(p) for p in prompts)
+        if longest == 0:
             raise TrimtabError("the prompt is empty")
-        room = self.context_length - len(prompt_ids)
+        room = self.context_length - longest
         if room < 1:
-            raise TrimtabError(
-                f"the prompt has {len(prompt_ids)} tokens; the model's context holds {self.context_length}")
-        max_new = min(parsed.max_new_tokens, room)
-        cancel = threading.Event()
-
-        def pieces(stream: Stream) -> Iterator[str]:
-            decoder = self.tokenizer.stream_decoder()
-            new_ids, text, finish = [], [], "length"
-            for event in generate_tokens(self.transformer, prompt_ids, max_new_tokens=max_new,
-                                         sampling=parsed.sampling, eos_ids=self.tokenizer.eos_token_ids,
-                                         cancel=cancel):
-                if event.is_eos:
-                    finish = "eos"
-                    break
-                new_ids.append(event.token)
-                piece = decoder.push(event.token)
-                if piece:
-                    text.append(piece)
-                    yield piece
-            if cancel.is_set():
-                finish = "cancelled"
-            tail = decoder.flush()
-            if tail:
-                text.append(tail)
-                yield tail
-            stream.completion = Completion(
-                text="".join(text), finish_reason=finish, token_ids=new_ids,
-                usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(new_ids)))
-
-        return Stream(pieces, cancel)
+            raise TrimtabError(f"the prompt has {longest} tokens; the model's context holds {self.context_length}")
+        return Generation(self.transformer, self.tokenizer, prompts, safe, overrides=overrides,
+                          max_new_tokens=min(safe.max_new_tokens, room))
 
     @staticmethod
     def _finish(stream: Stream) -> Completion:

@@ -23,6 +23,7 @@ class Completion:
     usage: Usage
     token_ids: list[int] = field(default_factory=list)
     overrides: list = field(default_factory=list)  # what the guard changed (field, asked, applied, reason)
+    degenerate: bool = False               # the degeneration monitor saw a repetition loop
 
     def __str__(self) -> str:
         return self.text

@@ -1,15 +1,24 @@
-"""Prefill, one-token decode, and the token loop that every front end streams from."""
+"""Prefill, one-token decode, and the generation loop that every front end streams from.
+
+One loop serves a single streamed reply and a batch of replies alike: all rows decode together
+(left-padded, see kv_cache.py); each row ends on its own — EOS, a stop string, the degeneration
+monitor, `max_new_tokens` — and a cancel event ends them all.
+"""
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 
+from trimtab.backend.completion import Completion, Usage
 from trimtab.backend.kv_cache import KVCache
 from trimtab.backend.models.base import Transformer
-from trimtab.backend.sampling import SamplingSettings, sample
+from trimtab.backend.repetition import DegenerationMonitor
+from trimtab.backend.sampling import Sampler
+from trimtab.backend.settings import GenerationSettings
+from trimtab.backend.stop_strings import StopStringFilter
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,26 +45,95 @@ def decode_one_token(model: Transformer, cache: KVCache, tokens: torch.Tensor) -
 
 
 @dataclass
-class TokenEvent:
-    token: int
-    is_eos: bool
+class _Reply:
+    """One row's reply as it grows: ids, emitted text, and why it ended."""
+
+    prompt_tokens: int
+    decoder: object                 # the tokenizer's StreamDecoder
+    stops: StopStringFilter
+    monitor: DegenerationMonitor
+    token_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    finish: str | None = None
+
+    def emit(self, piece: str) -> str:
+        if piece:
+            self.text.append(piece)
+        return piece
+
+    def completion(self, overrides: list) -> Completion:
+        return Completion(text="".join(self.text), finish_reason=self.finish, token_ids=self.token_ids,
+                          usage=Usage(self.prompt_tokens, len(self.token_ids)), overrides=list(overrides),
+                          degenerate=self.monitor.flagged)
 
 
-def generate_tokens(model: Transformer, prompt: Sequence[int], *, max_new_tokens: int,
-                    sampling: SamplingSettings, eos_ids: Sequence[int],
-                    cancel: threading.Event | None = None) -> Iterator[TokenEvent]:
-    """Yield one sequence's new tokens until EOS, `max_new_tokens`, or `cancel` is set."""
-    generator = None
-    if sampling.seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
-    eos = set(eos_ids)
-    cache, logits = prefill(model, [prompt], len(prompt) + max_new_tokens)
-    logits = logits[:, -1]
-    for step in range(max_new_tokens):
-        if cancel is not None and cancel.is_set():
-            return
-        token = int(sample(logits, sampling, generator)[0])
-        yield TokenEvent(token, token in eos)
-        if token in eos or step == max_new_tokens - 1:
-            return
-        logits = decode_one_token(model, cache, torch.tensor([token]))
+class Generation:
+    """Iterate for (row, text piece) as they decode; afterwards `.completions` has one per row."""
+
+    def __init__(self, model: Transformer, tokenizer, prompts: Sequence[Sequence[int]],
+                 settings: GenerationSettings, *, overrides: Sequence = (), max_new_tokens: int | None = None,
+                 cancel: threading.Event | None = None):
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.prompts = [list(p) for p in prompts]
+        self.max_new_tokens = max_new_tokens or settings.max_new_tokens
+        self.overrides = list(overrides)
+        self.cancel = cancel or threading.Event()
+        self.completions: list[Completion] | None = None
+        self._replies = [
+            _Reply(len(p), tokenizer.stream_decoder(), StopStringFilter(settings.stop), DegenerationMonitor())
+            for p in self.prompts
+        ]
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        eos = set(self.tokenizer.eos_token_ids)
+        for tokens in self._token_steps():
+            for row, token in enumerate(tokens):
+                reply = self._replies[row]
+                if reply.finish is None:
+                    piece = self._advance(reply, token, eos)
+                    if piece:
+                        yield row, piece
+        for row, reply in enumerate(self._replies):
+            if reply.finish is None:
+                reply.finish = "cancelled" if self.cancel.is_set() else "length"
+            if reply.finish != "stop_string":
+                tail = reply.emit(reply.stops.push(reply.decoder.flush()) + reply.stops.flush())
+                if tail:
+                    yield row, tail
+        self.completions = [reply.completion(self.overrides) for reply in self._replies]
+
+    def _advance(self, reply: _Reply, token: int, eos: set[int]) -> str:
+        """Take one sampled token into a row's reply; → the text now safe to show."""
+        if token in eos:
+            reply.finish = "eos"
+            return ""
+        reply.token_ids.append(token)
+        piece = reply.emit(reply.stops.push(reply.decoder.push(token)))
+        if reply.stops.stopped:
+            reply.finish = "stop_string"
+        elif reply.monitor.push(token) and self.settings.stop_on_degenerate:
+            reply.finish = "degenerate"
+        return piece
+
+    def _token_steps(self) -> Iterator[list[int]]:
+        """Sample every row's next token until all rows end, max_new_tokens, or cancel."""
+        settings, model = self.settings, self.model
+        sampler = Sampler(settings, vocab_size=model.args.vocab_size,
+                          eos_token_ids=self.tokenizer.eos_token_ids, device=model.device)
+        longest = max(len(p) for p in self.prompts)
+        cache, logits = prefill(model, self.prompts, longest + self.max_new_tokens)
+        logits = logits[:, -1]                                           # [B, V]
+        history, pad = left_pad(self.prompts)                            # [B, S], [B]
+        history = torch.cat([history, torch.zeros(len(self.prompts), self.max_new_tokens, dtype=torch.int64)], 1)
+        mask = torch.arange(history.shape[1])[None, :] >= pad[:, None]   # [B, S + max_new]
+        for step in range(self.max_new_tokens):
+            if self.cancel.is_set():
+                return
+            length = longest + step
+            tokens = sampler(logits, history[:, :length].to(model.device), mask[:, :length].to(model.device),
+                             allow_eos=step >= settings.min_new_tokens).cpu()
+            history[:, length] = tokens
+            yield tokens.tolist()
+            if all(reply.finish is not None for reply in self._replies) or step == self.max_new_tokens - 1:
+                return
+            logits = decode_one_token(model, cache, tokens)

@@ -1,33 +1,362 @@
-"""Choosing the next token from logits: greedy, or temperature → top-k → top-p sampling."""
+"""Choosing the next token of every row of a batch from its logits and its history.
+
+`Sampler(settings, vocab_size=..., eos_token_ids=...)` is built once per generation call; calling
+it with logits [B, V] and the history [B, T] (prompt + tokens generated so far, left-padded, with
+`history_mask` True at real tokens) returns the next tokens [B]. Everything is vectorised over the
+batch. The steps, always in this order (a step whose setting is neutral is skipped):
+
+1. Bias and bans. `logit_bias` is added; `custom_token_bans`, and the EOS ids when `ban_eos_token`
+   is set or the call passes `allow_eos=False` (or False in that row of a [B] bool tensor, for
+   `min_new_tokens`), are set to -inf.
+2. Repetition penalty, Hugging Face semantics: a penalised token's logit is divided by the
+   penalty when positive and multiplied by it when negative; each token is penalised once, however
+   often it occurs. Only the range counts: the last `repetition_penalty_range` real tokens of the
+   history (0 = all of them). Decay, precisely: let L be the range length (the setting, or the
+   row's number of real tokens when the setting is 0) and D = min(repetition_penalty_decay, L). A
+   history token of age a (0 = the newest) has weight
+       w(a) = 1                  for a < L - D,
+       w(a) = (L - a) / (D + 1)  for L - D <= a < L    (D/(D+1), ..., 2/(D+1), 1/(D+1)),
+       w(a) = 0                  for a >= L            (outside the range),
+   so the oldest D tokens of the range fade in equal steps towards no penalty. A vocabulary
+   token's weight is the largest over its occurrences (its newest one counts), and its penalty is
+   1 + w * (repetition_penalty - 1): the full penalty at w = 1, none at w = 0. With D = 0 this is
+   exactly Hugging Face's RepetitionPenaltyLogitsProcessor applied to the range.
+3. Presence and frequency penalties, OpenAI semantics, over the same range (by count, undecayed:
+   the decay belongs to the repetition penalty): logit -= count * frequency_penalty
+   + (count > 0) * presence_penalty, where count is the token's occurrences in the range.
+4. `no_repeat_ngram_size` n: over the whole history (real tokens only, the prompt included), any
+   token that would complete an n-gram already present is set to -inf (n = 1 bans every token seen).
+5. Greedy (`temperature == 0` or `do_sample` off): the argmax of these logits, exact and without
+   randomness; on ties, the lowest id. Steps 6-11 do not run.
+6. Temperature: logits / temperature.
+7. top_k: keep the tokens whose logit is at least the k-th largest (ties at the k-th all stay,
+   as in Hugging Face's TopKLogitsWarper).
+8. top_p: rank tokens by probability (descending; ties by lower id first) and keep each one
+   whose higher-ranked tokens hold less than top_p of the mass — the smallest prefix that reaches
+   top_p; the top token always stays (also at top_p = 0). Same rule as Hugging Face's
+   TopPLogitsWarper (remove where the ascending cumulative mass <= 1 - top_p), up to rounding of the
+   cumulative sums and the order among tied tokens.
+9. typical_p: Hugging Face's TypicalLogitsWarper rule: rank tokens by |-log p - H| (H the entropy
+   of the current distribution), walk that ranking until the cumulative mass reaches typical_p and
+   keep every token whose score is at most that of the token where it stopped (ties included).
+   Difference from Hugging Face: the most likely token is always kept as well (HF keeps the most
+   *typical* token instead, which can drop the most likely one).
+10. min_p: drop tokens whose probability is below min_p times the top probability (Hugging
+    Face's MinPLogitsWarper); the top token (and any tied with it) always stays, also at min_p = 1.
+11. Draw from the softmax by inverse CDF with one uniform number per call from a CPU
+    torch.Generator seeded with `seed` (None: seeded nondeterministically). Every row uses the same
+    uniform, so a row's tokens depend on the seed, the step number and its own distribution only,
+    not on its position in the batch or the batch size (nor on the device's RNG): the same prompt
+    gives the same tokens alone or anywhere in a batch, and identical rows give identical tokens.
+
+Filters 7-10 each act on the distribution left by the ones before (renormalised), and none of them
+removes the most likely token. (top_p and typical_p first rank only the best `Sampler.candidates`
+tokens and fall back to ranking the whole vocabulary when those cannot decide; the result is the
+same either way, and a full sort of a large vocabulary is slow on CPU.) `Sampler.probabilities` returns the distribution step 11 draws from
+(a one-hot of the argmax when greedy); `apply_penalties` (steps 1-4) and `apply_filters` (steps
+6-10) are exposed for tests and tools.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from typing import Sequence
 
 import torch
+from torch import Tensor
+
+from trimtab.backend.errors import TrimtabError
+from trimtab.backend.settings import GenerationSettings
+
+NEG_INF = float("-inf")
 
 
-@dataclass(frozen=True)
-class SamplingSettings:
-    temperature: float = 0.2   # 0 means greedy
-    top_p: float = 0.8         # 1 disables
-    top_k: int = 0             # 0 disables
-    seed: int | None = None
+def _check_ids(name: str, ids, vocab_size: int) -> list[int]:
+    out = []
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise TrimtabError(f"sampler: {name}: token ids must be integers, got {token!r}")
+        if not 0 <= token < vocab_size:
+            raise TrimtabError(f"sampler: {name}: token id {token} is outside the vocabulary "
+                               f"(0..{vocab_size - 1})")
+        out.append(token)
+    return out
 
 
-def sample(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None) -> torch.Tensor:
-    """logits: [B, V] float32 → next tokens [B] int64."""
-    if settings.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / settings.temperature
-    if 0 < settings.top_k < logits.shape[-1]:
-        kth_best = logits.topk(settings.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    if settings.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p; the best always stays
-        mass_before = probs.cumsum(dim=-1) - probs
-        drop_sorted = mass_before >= settings.top_p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+def _check_settings(s: GenerationSettings) -> None:
+    """The ranges the sampler relies on (build_settings checks them too; this covers direct use)."""
+    problems = []
+    if not s.temperature >= 0 or not math.isfinite(s.temperature):
+        problems.append(f"temperature must be >= 0, got {s.temperature!r}")
+    if s.top_k < 0:
+        problems.append(f"top_k must be >= 0, got {s.top_k!r}")
+    for name in ("top_p", "min_p", "typical_p"):
+        value = getattr(s, name)
+        if not 0 <= value <= 1:
+            problems.append(f"{name} must be in [0, 1], got {value!r}")
+    if not s.repetition_penalty > 0 or not math.isfinite(s.repetition_penalty):
+        problems.append(f"repetition_penalty must be > 0, got {s.repetition_penalty!r}")
+    for name in ("repetition_penalty_range", "repetition_penalty_decay", "no_repeat_ngram_size"):
+        if getattr(s, name) < 0:
+            problems.append(f"{name} must be >= 0, got {getattr(s, name)!r}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not math.isfinite(getattr(s, name)):
+            problems.append(f"{name} must be finite, got {getattr(s, name)!r}")
+    if problems:
+        raise TrimtabError("sampler: " + "; ".join(problems))
+
+
+class Sampler:
+    """Picks next tokens for a batch, in the order of the module docstring (steps 1-11)."""
+
+    # top_p and typical_p first rank only this many tokens, and the whole vocabulary only when
+    # those do not decide the filter (a full sort of a large vocabulary is slow on CPU)
+    candidates = 1024
+
+    def __init__(self, settings: GenerationSettings, *, vocab_size: int, eos_token_ids: Sequence[int],
+                 device: str | torch.device = "cpu"):
+        _check_settings(settings)
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise TrimtabError(f"sampler: vocab_size must be a positive integer, got {vocab_size!r}")
+        self.settings = settings
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        V = vocab_size
+
+        eos = sorted(set(_check_ids("eos_token_ids", eos_token_ids, V)))
+        self._eos_mask = torch.zeros(V, dtype=torch.bool, device=self.device)
+        self._eos_mask[eos] = True
+        self._has_eos = bool(eos)
+
+        self._bias: Tensor | None = None
+        if settings.logit_bias:
+            ids = _check_ids("logit_bias", list(settings.logit_bias), V)
+            bias = torch.zeros(V, dtype=torch.float32)
+            bias[ids] = torch.tensor([float(settings.logit_bias[i]) for i in ids], dtype=torch.float32)
+            self._bias = bias.to(self.device)
+
+        bans = torch.zeros(V, dtype=torch.bool)
+        bans[_check_ids("custom_token_bans", settings.custom_token_bans, V)] = True
+        bans = bans.to(self.device)
+        if settings.ban_eos_token:
+            bans |= self._eos_mask
+        self._bans: Tensor | None = bans if settings.custom_token_bans or (settings.ban_eos_token and eos) else None
+
+        self._generator = torch.Generator(device="cpu")
+        if settings.seed is None:
+            self._generator.seed()
+        else:
+            self._generator.manual_seed(settings.seed)
+
+    # ---- the public calls ----------------------------------------------------------------
+
+    def __call__(self, logits: Tensor, history: Tensor, history_mask: Tensor | None = None, *,
+                 allow_eos: bool | Tensor = True) -> Tensor:
+        """logits [B, V], history [B, T] int64, history_mask [B, T] bool → next tokens [B] int64."""
+        scores = self.apply_penalties(logits, history, history_mask, allow_eos=allow_eos)
+        if self.settings.greedy:
+            return scores.argmax(dim=-1)
+        return self._draw(self.apply_filters(scores).softmax(dim=-1))
+
+    def probabilities(self, logits: Tensor, history: Tensor, history_mask: Tensor | None = None,
+                      allow_eos: bool | Tensor = True) -> Tensor:
+        """The distribution [B, V] the next token is drawn from: after every filter, before the draw
+        (greedy: a one-hot of the argmax). Consumes no randomness."""
+        scores = self.apply_penalties(logits, history, history_mask, allow_eos=allow_eos)
+        if self.settings.greedy:
+            return torch.zeros_like(scores).scatter_(-1, scores.argmax(dim=-1, keepdim=True), 1.0)
+        return self.apply_filters(scores).softmax(dim=-1)
+
+    def apply_penalties(self, logits: Tensor, history: Tensor, history_mask: Tensor | None = None, *,
+                        allow_eos: bool | Tensor = True) -> Tensor:
+        """Steps 1-4 → float32 logits [B, V] (a new tensor; the input is left alone)."""
+        s = self.settings
+        V = self.vocab_size
+        if logits.dim() != 2 or logits.shape[-1] != V:
+            raise TrimtabError(f"sampler: logits must be [batch, {V}], got {list(logits.shape)}")
+        B = logits.shape[0]
+        scores = logits.to(device=self.device, dtype=torch.float32)
+
+        # 1. bias, bans, EOS
+        if self._bias is not None:
+            scores = scores + self._bias
+        bans = self._bans
+        if isinstance(allow_eos, Tensor):
+            allow = allow_eos.to(device=self.device, dtype=torch.bool).reshape(-1)
+            if allow.shape[0] != B:
+                raise TrimtabError(f"sampler: allow_eos must have one entry per row ({B}), got {allow.shape[0]}")
+            if self._has_eos:
+                eos_bans = self._eos_mask[None, :] & ~allow[:, None]
+                bans = eos_bans if bans is None else bans | eos_bans
+        elif not allow_eos and self._has_eos:
+            bans = self._eos_mask if bans is None else bans | self._eos_mask
+        if bans is not None:
+            scores = scores.masked_fill(bans, NEG_INF)
+        elif scores is logits:
+            scores = scores.clone()
+
+        uses_range = (s.repetition_penalty != 1 or s.presence_penalty != 0 or s.frequency_penalty != 0)
+        if uses_range or s.no_repeat_ngram_size > 0:
+            tokens, n_real = self._compact(history, history_mask, B)
+            T = tokens.shape[1]
+            age = torch.arange(T - 1, -1, -1, device=self.device)[None, :]            # [1, T]
+            real = age < n_real[:, None]                                              # [B, T]
+            if uses_range:
+                in_range = real if s.repetition_penalty_range == 0 else real & (age < s.repetition_penalty_range)
+                if s.repetition_penalty != 1:                                         # 2.
+                    scores = self._repetition_penalty(scores, tokens, age, in_range, n_real)
+                if s.presence_penalty != 0 or s.frequency_penalty != 0:               # 3.
+                    counts = torch.zeros_like(scores).scatter_add_(1, tokens, in_range.to(scores.dtype))
+                    scores = scores - (counts * s.frequency_penalty + (counts > 0).to(scores.dtype) * s.presence_penalty)
+            if s.no_repeat_ngram_size > 0:                                            # 4.
+                scores = self._no_repeat_ngram(scores, tokens, n_real)
+
+        unusable = ~(scores.amax(dim=-1) > NEG_INF)                                   # all -inf, or NaN
+        if bool(unusable.any()):
+            rows = unusable.nonzero().flatten().tolist()
+            if bool(scores[rows].isnan().any()):
+                raise TrimtabError(f"sampler: the logits of batch row(s) {rows} hold NaN")
+            raise TrimtabError(f"sampler: every token is banned in batch row(s) {rows} "
+                               "(bans, EOS ban and no_repeat_ngram_size together leave nothing)")
+        return scores
+
+    def apply_filters(self, scores: Tensor) -> Tensor:
+        """Steps 6-10 on logits [B, V] from `apply_penalties` → logits with removed tokens at -inf."""
+        s = self.settings
+        V = scores.shape[-1]
+        x = scores
+        if s.temperature != 1 and s.temperature > 0:                                  # 6.
+            x = x / s.temperature
+        if 0 < s.top_k < V:                                                           # 7.
+            kth = x.topk(s.top_k, dim=-1).values[:, -1:]
+            x = x.masked_fill(x < kth, NEG_INF)
+        if s.top_p < 1:                                                               # 8.
+            x = self._top_p(x)
+        if s.typical_p < 1:                                                           # 9.
+            x = self._typical_p(x)
+        if s.min_p > 0:                                                               # 10.
+            probs = x.softmax(dim=-1)
+            x = x.masked_fill(probs < s.min_p * probs.amax(dim=-1, keepdim=True), NEG_INF)
+        return x
+
+    # ---- the pieces ------------------------------------------------------------------------
+
+    def _ranked(self, key: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The k best entries of each row by (key descending, id ascending) → (keys, ids) [B, k]."""
+        if k >= key.shape[-1]:
+            return key.sort(dim=-1, descending=True, stable=True)
+        values, ids = key.topk(k, dim=-1)
+        ids, order = ids.sort(dim=-1)
+        values, order2 = values.gather(-1, order).sort(dim=-1, descending=True, stable=True)
+        return values, ids.gather(-1, order2)
+
+    def _top_p(self, x: Tensor) -> Tensor:
+        """Step 8. Ranks only the best `candidates` tokens when they decide it (they hold top_p of
+        the mass before the last candidate's value), else the whole vocabulary; same result."""
+        top_p = self.settings.top_p
+        B, V = x.shape
+        probs = x.softmax(dim=-1)
+        values, ids = self._ranked(x, min(self.candidates, V))
+        p = probs.gather(-1, ids)
+        mass = p.cumsum(dim=-1)
+        if ids.shape[-1] < V and not bool(((mass >= top_p) & (values > values[:, -1:])).any(dim=-1).all()):
+            values, ids = self._ranked(x, V)
+            p = probs.gather(-1, ids)
+            mass = p.cumsum(dim=-1)
+        mass_before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=-1)
+        keep = mass_before < top_p
+        keep[:, 0] = True
+        kept = torch.zeros(B, V, dtype=torch.bool, device=x.device).scatter_(-1, ids, keep)
+        return x.masked_fill(~kept, NEG_INF)
+
+    def _typical_p(self, x: Tensor) -> Tensor:
+        """Step 9. Like `_top_p`, ranks only the most typical `candidates` tokens when the walk
+        stops among them at a score below the last candidate's, else the whole vocabulary."""
+        typical_p = self.settings.typical_p
+        V = x.shape[-1]
+        logp = x.log_softmax(dim=-1)
+        p = logp.exp()
+        entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=-1, keepdim=True)
+        atypicality = (-logp - entropy).abs()                                         # +inf where p == 0
+        for k in (min(self.candidates, V), V):
+            negated, ids = self._ranked(-atypicality, k)
+            score = -negated                                                          # ascending
+            mass = p.gather(-1, ids).cumsum(dim=-1)
+            stop = (mass < typical_p).sum(dim=-1, keepdim=True).clamp_(max=k - 1)
+            threshold = score.gather(-1, stop)
+            if k == V or bool((threshold < score[:, -1:]).all()):
+                break
+        drop = atypicality > threshold
+        drop.scatter_(-1, x.argmax(dim=-1, keepdim=True), False)
+        return x.masked_fill(drop, NEG_INF)
+
+    def _compact(self, history: Tensor, mask: Tensor | None, B: int) -> tuple[Tensor, Tensor]:
+        """→ the history with its real tokens moved to the right end in order (masked ids set to 0),
+        and each row's real-token count [B]. Left-padded input comes back unchanged."""
+        if history.dim() != 2 or history.shape[0] != B:
+            raise TrimtabError(f"sampler: history must be [{B}, T], got {list(history.shape)}")
+        tokens = history.to(device=self.device, dtype=torch.int64)
+        T = tokens.shape[1]
+        if mask is None:
+            n_real = torch.full((B,), T, dtype=torch.int64, device=self.device)
+        else:
+            if mask.shape != history.shape:
+                raise TrimtabError(f"sampler: history_mask must match history {list(history.shape)}, "
+                                   f"got {list(mask.shape)}")
+            mask = mask.to(device=self.device, dtype=torch.bool)
+            order = mask.to(torch.uint8).sort(dim=-1, stable=True).indices           # pads first, order kept
+            tokens = tokens.gather(-1, order)
+            n_real = mask.sum(dim=-1)
+            real = torch.arange(T - 1, -1, -1, device=self.device)[None, :] < n_real[:, None]
+            tokens = tokens.masked_fill(~real, 0)
+        bad = (tokens < 0) | (tokens >= self.vocab_size)
+        if bool(bad.any()):
+            raise TrimtabError(f"sampler: history holds token ids outside the vocabulary "
+                               f"(0..{self.vocab_size - 1}): {sorted(set(tokens[bad].tolist()))[:5]}")
+        return tokens, n_real
+
+    def _repetition_penalty(self, scores: Tensor, tokens: Tensor, age: Tensor, in_range: Tensor,
+                            n_real: Tensor) -> Tensor:
+        s = self.settings
+        if s.repetition_penalty_decay == 0:
+            weight = in_range.to(scores.dtype)
+        else:
+            if s.repetition_penalty_range > 0:
+                length = torch.full_like(n_real, s.repetition_penalty_range)[:, None]
+            else:
+                length = n_real[:, None]
+            fade = length.clamp(max=s.repetition_penalty_decay)                       # D per row
+            weight = torch.where(age < length - fade, 1.0,
+                                 (length - age).to(scores.dtype) / (fade + 1).to(scores.dtype))
+            weight = weight.masked_fill(~in_range, 0.0)
+        weight = torch.zeros_like(scores).scatter_reduce_(1, tokens, weight, reduce="amax", include_self=True)
+        p = s.repetition_penalty
+        factor = torch.where(weight >= 1, torch.full_like(weight, p), 1 + weight * (p - 1))
+        penalised = torch.where(scores < 0, scores * factor, scores / factor)
+        return torch.where(weight > 0, penalised, scores)
+
+    def _no_repeat_ngram(self, scores: Tensor, tokens: Tensor, n_real: Tensor) -> Tensor:
+        n = self.settings.no_repeat_ngram_size
+        B, T = tokens.shape
+        if T < n:
+            return scores
+        starts = T - n + 1                                   # n-grams start at 0 .. T - n
+        # an n-gram counts when all of it is real; it matches when its first n-1 tokens equal the
+        # history's last n-1 tokens, and then its last token is banned
+        match = torch.arange(starts, device=self.device)[None, :] >= (T - n_real)[:, None]
+        for j in range(n - 1):
+            match &= tokens[:, j:j + starts] == tokens[:, T - n + 1 + j:T - n + 2 + j]
+        V = scores.shape[-1]
+        target = torch.where(match, tokens[:, n - 1:], V)    # non-matches go to a spare column
+        banned = torch.zeros(B, V + 1, dtype=torch.bool, device=self.device).scatter_(1, target, True)
+        return scores.masked_fill(banned[:, :V], NEG_INF)
+
+    def _draw(self, probs: Tensor, u: float | None = None) -> Tensor:
+        """Inverse-CDF draw with one uniform u in [0, 1) shared by every row (drawn from the
+        generator unless given) → [B] int64."""
+        if u is None:
+            u = torch.rand((), dtype=torch.float64, generator=self._generator).item()
+        cdf = probs.to(torch.float64).cumsum(dim=-1)
+        total = cdf[:, -1:]
+        # strictly below the total, so the token found always has probability > 0
+        target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+        return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)

@@ -5,6 +5,8 @@ import argparse
 import sys
 
 from trimtab.backend.errors import TrimtabError
+from trimtab.plugin.drift_cli import add_drift_command
+from trimtab.plugin.preset_cli import add_preset_commands
 
 SAMPLE_PROMPT = "What is the capital of France?"
 
@@ -15,17 +17,49 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
 
 
+SAMPLING_OPTIONS = {  # option → (type, help); each maps to the webui setting of the same name
+    "max_new_tokens": (int, "most tokens to generate (default 512)"),
+    "temperature": (float, "0 for greedy decoding"),
+    "top_p": (float, "nucleus sampling mass"),
+    "top_k": (int, "keep only the k most likely tokens"),
+    "min_p": (float, "drop tokens below this fraction of the best one's probability"),
+    "repetition_penalty": (float, "above 1 discourages repeats (the guard caps it at 1.01)"),
+    "seed": (int, "random seed for reproducible sampling"),
+}
+
+
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, help="0 for greedy decoding (default 0.2)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.8)")
-    p.add_argument("--top-k", type=int, help="keep only the k most likely tokens (default off)")
-    p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
+    p.add_argument("--preset", help="vetted preset (precise, balanced, creative) or a webui preset file; "
+                                    "default balanced")
+    p.add_argument("--guard", default="enforce", choices=["enforce", "warn", "off"],
+                   help="enforce (default) replaces unsafe settings; warn only reports them; off is on you")
+    for name, (kind, help_text) in SAMPLING_OPTIONS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, help=help_text)
+    p.add_argument("--stop", action="append", help="stop string (repeatable); never printed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other webui setting, e.g. --set typical_p=0.9 (value parsed as YAML)")
 
 
 def sampling_settings(args: argparse.Namespace) -> dict:
-    names = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    import yaml
+
+    settings = {name: getattr(args, name) for name in SAMPLING_OPTIONS if getattr(args, name) is not None}
+    if args.stop:
+        settings["stop"] = args.stop
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise TrimtabError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            settings[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise TrimtabError(f"--set {key}: cannot read the value {value!r}") from None
+    return {"preset": args.preset, "guard": args.guard, **settings}
+
+
+def report_overrides(overrides) -> None:
+    for o in overrides:
+        print(f"trimtab: guard: {o.field}: {o.asked!r} → {o.applied!r} ({o.reason})", file=sys.stderr)
 
 
 def load_model(args: argparse.Namespace):
@@ -34,16 +68,18 @@ def load_model(args: argparse.Namespace):
     return load(args.model, device=args.device)
 
 
-def print_stream(stream) -> None:
+def print_stream(stream) -> str:
+    """Print a reply as it decodes; Ctrl-C stops the reply (not the program). → the text shown."""
+    report_overrides(stream.overrides)
+    shown = []
     try:
         for piece in stream:
+            shown.append(piece)
             print(piece, end="", flush=True)
     except KeyboardInterrupt:
-        stream.cancel()
-        for _ in stream:  # let the generator finish cleanly so the completion is recorded
-            pass
         print(" [stopped]", end="")
     print(flush=True)
+    return "".join(shown)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -75,9 +111,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": line})
         print("assistant> ", end="", flush=True)
-        stream = model.stream(history, **settings)
-        print_stream(stream)
-        history.append({"role": "assistant", "content": stream.completion.text})
+        reply = print_stream(model.stream(history, **settings))
+        history.append({"role": "assistant", "content": reply})
 
 
 def confirm(question: str) -> bool:
@@ -128,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--force", action="store_true", help="overwrite model files already in OUT_DIR")
     p.set_defaults(run=cmd_import_gguf)
+
+    add_preset_commands(commands)
+    add_drift_command(commands)
     return parser
 
 

@@ -1,0 +1,114 @@
+"""The generator: stop strings, EOS, min/max tokens, cancellation, seeds, batches, degeneration."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import trimtab
+from tiny_models import write_tiny_model_dir
+from trimtab.backend.repetition import DegenerationMonitor, seq_rep_n
+from trimtab.backend.stop_strings import StopStringFilter
+
+pytest.importorskip("transformers")
+
+PROMPT = [{"role": "user", "content": "w5 w6 w7"}]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny")
+    write_tiny_model_dir("llama", directory)
+    return trimtab.load(directory)
+
+
+def greedy(model, **settings):
+    return model.chat(PROMPT, temperature=0, max_new_tokens=12, **settings)
+
+
+def test_stop_string_split_across_tokens_cuts_exactly(model):
+    full = greedy(model, ban_eos_token=False)
+    words = full.text.split(" ")
+    assert len(words) >= 4, full.text
+    stop = words[1][-1] + " " + words[2][:2]          # the end of one token, the space, the next one
+    stream = model.stream(PROMPT, temperature=0, max_new_tokens=12, stop=[stop])
+    pieces = list(stream)
+    cut = stream.completion
+    assert cut.finish_reason == "stop_string"
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert "".join(pieces) == cut.text and stop not in "".join(pieces)
+
+
+def test_stop_filter_holds_back_partial_matches():
+    f = StopStringFilter(["<end>"])
+    assert f.push("hello <e") == "hello "
+    assert f.push("n") == ""
+    assert f.push("x and more") == "<enx and more"
+    assert f.push(" <end> tail") == " " and f.stopped
+    assert f.flush() == ""
+    g = StopStringFilter(["###"])
+    assert g.push("a #") == "a " and g.flush() == "#"
+
+
+def test_max_new_tokens_ends_with_length(model):
+    out = model.chat(PROMPT, temperature=0, max_new_tokens=3, min_new_tokens=3)
+    assert out.finish_reason == "length" and out.usage.completion_tokens == 3
+
+
+def test_min_new_tokens_holds_off_eos(model):
+    eos = model.tokenizer.eos_token_ids[0]
+    # a huge bias makes EOS the greedy choice at once, unless min_new_tokens holds it off
+    at_once = model.chat(PROMPT, temperature=0, max_new_tokens=8, logit_bias={eos: 50}, guard="off")
+    assert at_once.finish_reason == "eos" and at_once.usage.completion_tokens == 0
+    held = model.chat(PROMPT, temperature=0, max_new_tokens=8, logit_bias={eos: 50}, min_new_tokens=4, guard="off")
+    assert held.finish_reason == "eos" and held.usage.completion_tokens == 4
+
+
+def test_cancel_from_another_thread(model):
+    stream = model.stream(PROMPT, temperature=0, max_new_tokens=10_000, min_new_tokens=10_000, guard="off")
+    received = []
+    for piece in stream:
+        received.append(piece)
+        if len(received) == 3:
+            threading.Thread(target=stream.cancel).start()
+    assert stream.completion.finish_reason == "cancelled"
+    assert stream.completion.usage.completion_tokens < 50
+
+
+def test_same_seed_same_text(model):
+    a = model.chat(PROMPT, temperature=0.3, top_p=0.9, seed=11, max_new_tokens=10)
+    b = model.chat(PROMPT, temperature=0.3, top_p=0.9, seed=11, max_new_tokens=10)
+    assert a.token_ids == b.token_ids and a.text == b.text
+
+
+def test_batch_equals_one_at_a_time(model):
+    conversations = [PROMPT, [{"role": "user", "content": "w9 w10 w11 w12 w13 w14 w15"}], [{"role": "user", "content": "w20"}]]
+    batch = model.chat_batch(conversations, temperature=0, max_new_tokens=8)
+    alone = [model.chat(c, temperature=0, max_new_tokens=8) for c in conversations]
+    assert [c.token_ids for c in batch] == [c.token_ids for c in alone]
+    assert [c.finish_reason for c in batch] == [c.finish_reason for c in alone]
+
+
+def test_seq_rep_n_and_monitor():
+    assert seq_rep_n([1, 2, 3, 4, 5], 4) == 0.0
+    assert seq_rep_n([1, 2, 1, 2, 1, 2], 2) == pytest.approx(1 - 2 / 5)
+    assert seq_rep_n([1, 2], 4) == 0.0
+    monitor = DegenerationMonitor(window=16, n=4, threshold=0.5, min_tokens=16)
+    assert not any(monitor.push(t) for t in range(40))           # no repeats
+    assert any(monitor.push(t) for t in [7, 8, 9] * 10)          # a loop
+
+
+def test_degenerate_reply_is_flagged_and_can_stop(model):
+    loop = {"logit_bias": {}, "guard": "off", "temperature": 0, "max_new_tokens": 120}
+    # make greedy decoding cycle through three words
+    bias = {9: 30.0}
+    out = model.chat(PROMPT, no_repeat_ngram_size=0, **{**loop, "logit_bias": bias})
+    assert out.degenerate and out.finish_reason in ("length", "eos")
+    stopped = model.chat(PROMPT, stop_on_degenerate=True, **{**loop, "logit_bias": bias})
+    assert stopped.finish_reason == "degenerate" and stopped.usage.completion_tokens < 120
+
+
+def test_guard_overrides_are_on_the_result(model):
+    out = model.chat(PROMPT, temperature=0.2, repetition_penalty=1.15, ban_eos_token=True, max_new_tokens=4)
+    changed = {o.field for o in out.overrides}
+    assert {"repetition_penalty", "ban_eos_token"} <= changed
