@@ -50,11 +50,14 @@ batch. The steps, always in this order (a step whose setting is neutral is skipp
     gives the same tokens alone or anywhere in a batch, and identical rows give identical tokens.
 
 Filters 7-10 each act on the distribution left by the ones before (renormalised), and none of them
-removes the most likely token. (top_p and typical_p first rank only the best `Sampler.candidates`
-tokens and fall back to ranking the whole vocabulary when those cannot decide; the result is the
-same either way, and a full sort of a large vocabulary is slow on CPU.) `Sampler.probabilities` returns the distribution step 11 draws from
-(a one-hot of the argmax when greedy); `apply_penalties` (steps 1-4) and `apply_filters` (steps
-6-10) are exposed for tests and tools.
+removes the most likely token. (On CPU, top_p and typical_p first rank only the best
+`Sampler.CPU_CANDIDATES` tokens and fall back to ranking the whole vocabulary when those cannot
+decide; the result is the same either way, and a full sort of a large vocabulary is slow on CPU.)
+
+`Sampler.probabilities` returns the distribution step 11 draws from (a one-hot of the argmax when
+greedy); `apply_penalties` (steps 1-4) and `apply_filters` (steps 6-10) are exposed for tests and
+tools. Errors (TrimtabError): ids outside the vocabulary in bans, biases or EOS ids (at
+construction) or in the history; logits of the wrong width; a row with every token banned, or NaN.
 """
 from __future__ import annotations
 
@@ -108,9 +111,10 @@ def _check_settings(s: GenerationSettings) -> None:
 class Sampler:
     """Picks next tokens for a batch, in the order of the module docstring (steps 1-11)."""
 
-    # top_p and typical_p first rank only this many tokens, and the whole vocabulary only when
-    # those do not decide the filter (a full sort of a large vocabulary is slow on CPU)
-    candidates = 1024
+    # On CPU, top_p and typical_p first rank only this many tokens, and the whole vocabulary only
+    # when those do not decide the filter: a full sort of a large vocabulary is slow there. On a GPU
+    # the full sort is faster than the shortcut, which is off there.
+    CPU_CANDIDATES = 1024
 
     def __init__(self, settings: GenerationSettings, *, vocab_size: int, eos_token_ids: Sequence[int],
                  device: str | torch.device = "cpu"):
@@ -121,6 +125,7 @@ class Sampler:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         V = vocab_size
+        self.candidates = self.CPU_CANDIDATES if self.device.type == "cpu" else V
 
         eos = sorted(set(_check_ids("eos_token_ids", eos_token_ids, V)))
         self._eos_mask = torch.zeros(V, dtype=torch.bool, device=self.device)
@@ -206,7 +211,8 @@ class Sampler:
                     scores = self._repetition_penalty(scores, tokens, age, in_range, n_real)
                 if s.presence_penalty != 0 or s.frequency_penalty != 0:               # 3.
                     counts = torch.zeros_like(scores).scatter_add_(1, tokens, in_range.to(scores.dtype))
-                    scores = scores - (counts * s.frequency_penalty + (counts > 0).to(scores.dtype) * s.presence_penalty)
+                    present = (counts > 0).to(scores.dtype)
+                    scores = scores - (counts * s.frequency_penalty + present * s.presence_penalty)
             if s.no_repeat_ngram_size > 0:                                            # 4.
                 scores = self._no_repeat_ngram(scores, tokens, n_real)
 

@@ -57,3 +57,25 @@ def test_help_lists_the_commands():
     assert result.returncode == 0
     for command in ("generate", "chat", "import-gguf"):
         assert command in result.stdout
+
+
+def test_guard_reports_what_it_changed_on_the_command_line(tiny_dir, capsys):
+    assert main(["chat", "w7", "-m", str(tiny_dir), "--temperature", "0", "--max-new-tokens", "2",
+                 "--repetition-penalty", "1.15", "--set", "ban_eos_token=true"]) == 0
+    err = capsys.readouterr().err
+    assert "trimtab: guard: repetition_penalty: 1.15 → 1.01" in err
+    assert "trimtab: guard: ban_eos_token: True → False" in err
+
+
+def test_unknown_set_key_is_one_clear_line(tiny_dir, capsys):
+    assert main(["generate", "w5", "-m", str(tiny_dir), "--set", "temprature=0.2"]) == 1
+    err = capsys.readouterr().err
+    assert "temprature" in err and "did you mean temperature" in err
+
+
+def test_preset_file_on_the_command_line(tiny_dir, tmp_path, capsys):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("temperature: 1.31\ntop_p: 0.14\nrepetition_penalty: 1.17\ntop_k: 49\n")
+    assert main(["chat", "w7", "-m", str(tiny_dir), "--preset", str(preset), "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "temperature: 1.31 → 0.3" in err and "top_p: 0.14 → 0.7" in err

@@ -311,7 +311,8 @@ def test_penalties_ignore_padding_and_accept_any_mask_layout():
     assert torch.equal(s.apply_penalties(logits, scattered, scattered_mask), left)
     # no mask means every position is real
     full = history[3:]
-    assert torch.equal(s.apply_penalties(logits[3:], full), s.apply_penalties(logits[3:], full, torch.ones_like(full, dtype=torch.bool)))
+    all_real = torch.ones_like(full, dtype=torch.bool)
+    assert torch.equal(s.apply_penalties(logits[3:], full), s.apply_penalties(logits[3:], full, all_real))
 
 
 # ---- 3. presence and frequency ----------------------------------------------------------------
@@ -402,7 +403,7 @@ def test_filters_match_loop(case):
     logits[2] *= 0.05                                           # nearly flat
     logits[3, 17] = 25.0                                        # one dominant token
     smp = Sampler(s, vocab_size=V, eos_token_ids=EOS)
-    for candidates in (Sampler.candidates, 10, 3):              # the shortcut for top_p and typical_p, and not
+    for candidates in (Sampler.CPU_CANDIDATES, 10, 3):          # with and without the top_p/typical_p shortcut
         smp.candidates = candidates
         got = smp.apply_filters(logits)
         for b in range(len(logits)):
@@ -427,7 +428,7 @@ def test_top_k_matches_transformers_including_ties(k):
     logits[2] = torch.round(logits[2])                          # many ties everywhere
     got = sampler(top_k=k).apply_filters(logits)
     assert torch.equal(removed(got), removed(TopKLogitsWarper(k)(None, logits)))
-    assert (~removed(got[1])).sum() >= max(k, 4 if k <= 4 else k)   # ties at the k-th all stay
+    assert (~removed(got[1])).sum() >= max(k, 4)                # the tied top four all stay
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.8, 0.95, 0.999])
@@ -435,7 +436,7 @@ def test_top_p_matches_transformers(p):
     logits = make_logits(92, 8)
     logits[1, :20] = -INF
     smp = sampler(top_p=p)
-    for candidates in (Sampler.candidates, 4):
+    for candidates in (Sampler.CPU_CANDIDATES, 4):
         smp.candidates = candidates
         got = smp.apply_filters(logits)
         assert torch.equal(removed(got), removed(TopPLogitsWarper(p)(None, logits)))
@@ -449,7 +450,7 @@ def test_typical_p_matches_transformers_plus_the_top_token(mass):
     hf_kept = ~removed(TypicalLogitsWarper(mass)(None, logits))
     best = torch.nn.functional.one_hot(logits.argmax(-1), V).bool()
     smp = sampler(typical_p=mass)
-    for candidates in (Sampler.candidates, 4):
+    for candidates in (Sampler.CPU_CANDIDATES, 4):
         smp.candidates = candidates
         assert torch.equal(~removed(smp.apply_filters(logits)), hf_kept | best)
 
@@ -489,7 +490,7 @@ def test_candidate_shortcut_gives_the_full_sort_result(case):
     full = Sampler(settings(**case), vocab_size=vocab, eos_token_ids=[0])
     full.candidates = vocab
     expected = full.apply_filters(logits)
-    for candidates in (Sampler.candidates, 64, 7):
+    for candidates in (Sampler.CPU_CANDIDATES, 64, 7):
         smp.candidates = candidates
         assert torch.equal(smp.apply_filters(logits), expected)
         for b in range(len(logits)):                             # one row at a time: the shortcut decides alone
