@@ -49,8 +49,7 @@ class Model:
         self.tokenizer = tokenizer
         self.name = name
         self.config = config
-        self.traits = ModelTraits(has_chat_template=tokenizer.chat_template is not None,
-                                  eos_token_ids=tuple(tokenizer.eos_token_ids))
+        self.traits = ModelTraits.from_tokenizer(tokenizer)
 
     @property
     def context_length(self) -> int:
@@ -99,9 +98,9 @@ class Model:
 
     def _generation(self, prompts: list[list[int]], preset, guard_mode: str, settings: dict) -> Generation:
         safe, overrides = resolve_settings(preset, settings, self.traits, guard_mode)
-        longest = max(len(p) for p in prompts)
-        if longest == 0:
+        if any(not p for p in prompts):
             raise TrimtabError("the prompt is empty")
+        longest = max(len(p) for p in prompts)
         room = self.context_length - longest
         if room < 1:
             raise TrimtabError(f"the prompt has {longest} tokens; the model's context holds {self.context_length}")
