@@ -208,6 +208,25 @@ class _TrimtabParams(BaseModel):
             params["ls_stop"] = list(stop)
         return params
 
+    # -- streaming, shared by both front ends: `inputs` is the prompt (LLM) or the messages (chat
+    # model), which each subclass's `_chunks` turns into chunks of its own kind
+
+    def _stream(self, inputs, stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator:
+        for chunk in self._chunks(inputs, stop, kwargs, _Cancel()):
+            if run_manager:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    async def _astream(self, inputs, stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator:
+        async with aclosing(_iterate_in_thread(functools.partial(self._chunks, inputs, stop, kwargs))) as chunks:
+            async for chunk in chunks:
+                if run_manager:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {"model_name": self.model, "device": self.device, "preset": self.preset, "guard": self.guard,
@@ -513,22 +532,6 @@ class TrimtabLLM(_TrimtabParams, LLM):
             yield GenerationChunk(text=piece)
         yield GenerationChunk(text="", generation_info={**call.metadata(), "usage": dict(call.usage())})
 
-    def _stream(self, prompt: str, stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
-        for chunk in self._chunks(prompt, stop, kwargs, _Cancel()):
-            if run_manager:
-                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            yield chunk
-
-    async def _astream(self, prompt: str, stop: list[str] | None = None,
-                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
-                       **kwargs: Any) -> AsyncIterator[GenerationChunk]:
-        async with aclosing(_iterate_in_thread(functools.partial(self._chunks, prompt, stop, kwargs))) as chunks:
-            async for chunk in chunks:
-                if run_manager:
-                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                yield chunk
-
     def _call(self, prompt: str, stop: list[str] | None = None,
               run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:
         return "".join(chunk.text for chunk in self._stream(prompt, stop, run_manager, **kwargs))
@@ -642,22 +645,6 @@ class ChatTrimtab(_TrimtabParams, BaseChatModel):
             tool_call_chunks=[tool_call_chunk(name=c["name"], args=c["args"], id=f"call_{uuid.uuid4().hex[:24]}",
                                               index=i) for i, c in enumerate(calls)])
         yield ChatGenerationChunk(message=message, generation_info={"finish_reason": metadata["finish_reason"]})
-
-    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        for chunk in self._chunks(messages, stop, kwargs, _Cancel()):
-            if run_manager:
-                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            yield chunk
-
-    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
-                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        async with aclosing(_iterate_in_thread(functools.partial(self._chunks, messages, stop, kwargs))) as chunks:
-            async for chunk in chunks:
-                if run_manager:
-                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                yield chunk
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
