@@ -118,8 +118,9 @@ class Generation:
     def _token_steps(self) -> Iterator[list[int]]:
         """Sample every row's next token until all rows end, max_new_tokens, or cancel."""
         settings, model = self.settings, self.model
-        sampler = Sampler(settings, vocab_size=model.args.vocab_size,
-                          eos_token_ids=self.tokenizer.eos_token_ids, device=model.device)
+        breakers = self.tokenizer.ids_containing(settings.dry_sequence_breakers) if settings.dry_multiplier else ()
+        sampler = Sampler(settings, vocab_size=model.args.vocab_size, eos_token_ids=self.tokenizer.eos_token_ids,
+                          sequence_breaker_ids=[i for i in breakers if i < model.args.vocab_size], device=model.device)
         longest = max(len(p) for p in self.prompts)
         cache, logits = prefill(model, self.prompts, longest + self.max_new_tokens)
         logits = logits[:, -1]                                           # [B, V]

@@ -86,14 +86,25 @@ class EosRule:
 
 
 @dataclass(frozen=True)
+class LoopRule:
+    dry_multiplier: float   # DRY's strength when the guard turns it on in place of a token penalty
+    reason: str
+
+
+@dataclass(frozen=True)
 class Policy:
     ranges: tuple[RangeRule, ...]
     eos_bias_ban_at: float
     eos: Mapping[str, EosRule]   # ban_eos_token, custom_token_bans, logit_bias, min_new_tokens
+    loops: LoopRule
+
+
+# token penalties a user sets against repetition loops; when the guard lowers one, DRY takes over
+LOOP_PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty", "no_repeat_ngram_size")
 
 
 EOS_RULES = ("ban_eos_token", "custom_token_bans", "logit_bias", "min_new_tokens")
-_PLACEHOLDERS = {"asked": "A", "applied": "B", "eos": "2", "ban_at": "-4"}
+_PLACEHOLDERS = {"asked": "A", "applied": "B", "eos": "2", "ban_at": "-4", "fields": "F"}
 
 
 @functools.cache
@@ -142,7 +153,8 @@ def parse_policy(data: Any, *, source: str) -> Policy:
         except TrimtabError as e:
             raise fail(where, str(e).removeprefix(f"{source}: ")) from None
 
-    top = mapping(data, "top level", {"version", "ranges", "eos"}, {"version", "ranges", "eos"})
+    sections = {"version", "ranges", "eos", "loops"}
+    top = mapping(data, "top level", sections, sections)
     if top["version"] != 1:
         raise fail("version", f"this trimtab reads policy version 1, not {top['version']!r}")
 
@@ -183,7 +195,11 @@ def parse_policy(data: Any, *, source: str) -> Policy:
         rule = mapping(eos[name], f"eos.{name}", {"instruct", "base"}, {"instruct", "base"})
         eos_rules[name] = EosRule(reason(rule["instruct"], f"eos.{name}.instruct"),
                                   reason(rule["base"], f"eos.{name}.base"))
-    return Policy(tuple(ranges), ban_at, eos_rules)
+    loops = mapping(top["loops"], "loops", {"dry_multiplier", "reason"}, {"dry_multiplier", "reason"})
+    dry = setting("dry_multiplier", loops["dry_multiplier"], "loops.dry_multiplier")
+    if dry <= 0 or any(r.violated(dry) for r in ranges if r.field == "dry_multiplier"):
+        raise fail("loops.dry_multiplier", f"{dry!r} must be above 0 and inside ranges.dry_multiplier")
+    return Policy(tuple(ranges), ban_at, eos_rules, LoopRule(dry, reason(loops["reason"], "loops.reason")))
 
 
 # -- the guard -------------------------------------------------------------------------------
@@ -194,6 +210,7 @@ class _Finding:
     asked: Any
     applied: Any    # equal to asked for a warning
     reason: str
+    follows_user: bool = False   # a consequence of another change, not a judgement of this field
 
 
 def guard(settings: Mapping[str, Any], traits: ModelTraits, mode: str = "enforce", *,
@@ -215,7 +232,7 @@ def guard(settings: Mapping[str, Any], traits: ModelTraits, mode: str = "enforce
     values = {f.name: asked.get(f.name, getattr(defaults, f.name)) for f in fields(GenerationSettings)}
     overrides = []
     for finding in _findings(values, traits, policy):
-        if finding.field not in asked:  # a default the user never chose: say so
+        if finding.field not in asked and not finding.follows_user:  # a default the user never chose: say so
             finding = _Finding(finding.field, finding.asked, finding.applied,
                                f"not set, so the default {show_value(finding.asked)} applies: {finding.reason}")
         if finding.applied == finding.asked:
@@ -249,6 +266,12 @@ def _findings(values: Mapping[str, Any], traits: ModelTraits, policy: Policy) ->
             asked = values[rule.field]
             found.append(_Finding(rule.field, asked, bound.to,
                                   bound.reason.format(asked=show_value(asked), applied=show_value(bound.to))))
+
+    lowered = [f.field for f in found if f.field in LOOP_PENALTIES and f.applied < f.asked]
+    if lowered and values["dry_multiplier"] == 0:
+        dry = policy.loops.dry_multiplier
+        found.append(_Finding("dry_multiplier", values["dry_multiplier"], dry, policy.loops.reason.format(
+            applied=show_value(dry), fields=", ".join(lowered)), follows_user=True))
 
     instruct = traits.has_chat_template
     eos_ids = set(traits.eos_token_ids)

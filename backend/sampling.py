@@ -26,6 +26,18 @@ batch. The steps, always in this order (a step whose setting is neutral is skipp
    + (count > 0) * presence_penalty, where count is the token's occurrences in the range.
 4. `no_repeat_ngram_size` n: over the whole history (real tokens only, the prompt included), any
    token that would complete an n-gram already present is set to -inf (n = 1 bans every token seen).
+4b. DRY ("don't repeat yourself", `dry_multiplier` > 0), webui's semantics: for every earlier
+   position of the history, the length n of the longest run of tokens ending there that equals
+   the run ending at the newest token (runs never cross a sequence-breaker token, and are counted
+   up to `DRY_MAX_MATCH`); the token that followed that earlier run would extend the repeat, so
+   when n >= `dry_allowed_length` its logit loses
+       dry_multiplier * dry_base ** (n - dry_allowed_length)
+   (the largest such penalty when several runs lead to the same token). The range is the same
+   as the repetition penalty's (`repetition_penalty_range`, 0 = all). Unlike the token penalties,
+   DRY leaves single repeated words and punctuation alone and acts only on verbatim loops. EOS
+   ids are never penalised: ending the answer is how a model leaves a loop. Sequence breakers are
+   token ids given at construction (`sequence_breaker_ids`: tokens whose text holds one of
+   `dry_sequence_breakers`; see `Tokenizer.ids_containing`).
 5. Greedy (`temperature == 0` or `do_sample` off): the argmax of these logits, exact and without
    randomness; on ties, the lowest id. Steps 6-11 do not run.
 6. Temperature: logits / temperature.
@@ -116,8 +128,12 @@ class Sampler:
     # the full sort is faster than the shortcut, which is off there.
     CPU_CANDIDATES = 1024
 
+    # DRY counts matching runs up to this length; longer runs get the penalty of this one, which
+    # at webui's defaults (0.8 * 1.75 ** 62) is already far beyond any logit
+    DRY_MAX_MATCH = 64
+
     def __init__(self, settings: GenerationSettings, *, vocab_size: int, eos_token_ids: Sequence[int],
-                 device: str | torch.device = "cpu"):
+                 sequence_breaker_ids: Sequence[int] = (), device: str | torch.device = "cpu"):
         _check_settings(settings)
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
             raise TrimtabError(f"sampler: vocab_size must be a positive integer, got {vocab_size!r}")
@@ -145,6 +161,10 @@ class Sampler:
         if settings.ban_eos_token:
             bans |= self._eos_mask
         self._bans: Tensor | None = bans if settings.custom_token_bans or (settings.ban_eos_token and eos) else None
+
+        breakers = torch.zeros(V, dtype=torch.bool)
+        breakers[_check_ids("sequence_breaker_ids", sequence_breaker_ids, V)] = True
+        self._breakers = breakers.to(self.device)
 
         self._generator = torch.Generator(device="cpu")
         if settings.seed is None:
@@ -199,7 +219,8 @@ class Sampler:
         elif scores is logits:
             scores = scores.clone()
 
-        uses_range = (s.repetition_penalty != 1 or s.presence_penalty != 0 or s.frequency_penalty != 0)
+        uses_range = (s.repetition_penalty != 1 or s.presence_penalty != 0 or s.frequency_penalty != 0
+                      or s.dry_multiplier > 0)
         if uses_range or s.no_repeat_ngram_size > 0:
             tokens, n_real = self._compact(history, history_mask, B)
             T = tokens.shape[1]
@@ -215,6 +236,8 @@ class Sampler:
                     scores = scores - (counts * s.frequency_penalty + present * s.presence_penalty)
             if s.no_repeat_ngram_size > 0:                                            # 4.
                 scores = self._no_repeat_ngram(scores, tokens, n_real)
+            if s.dry_multiplier > 0:                                                  # 4b.
+                scores = self._dry(scores, tokens, in_range)
 
         unusable = ~(scores.amax(dim=-1) > NEG_INF)                                   # all -inf, or NaN
         if bool(unusable.any()):
@@ -355,6 +378,37 @@ class Sampler:
         target = torch.where(match, tokens[:, n - 1:], V)    # non-matches go to a spare column
         banned = torch.zeros(B, V + 1, dtype=torch.bool, device=self.device).scatter_(1, target, True)
         return scores.masked_fill(banned[:, :V], NEG_INF)
+
+    def _dry(self, scores: Tensor, tokens: Tensor, in_range: Tensor) -> Tensor:
+        """Step 4b. tokens [B, T] right-aligned real tokens, in_range [B, T] → penalised scores."""
+        s = self.settings
+        B, T = tokens.shape
+        if T < 2:
+            return scores
+        usable = in_range & ~self._breakers[tokens]                     # [B, T] may be part of a run
+        ends = T - 1                                                    # earlier runs end at 0 .. T - 2
+        matching = torch.ones(B, ends, dtype=torch.bool, device=self.device)
+        length = torch.zeros(B, ends, dtype=torch.int64, device=self.device)
+        for k in range(min(self.DRY_MAX_MATCH, ends)):
+            # the run ending at j, k tokens back (position j - k), against the newest run's (T-1-k)
+            earlier = tokens[:, :ends - k]                              # positions 0 .. T-2-k
+            same = (earlier == tokens[:, T - 1 - k:T - k]) & usable[:, :ends - k] & usable[:, T - 1 - k:T - k]
+            matching[:, k:] &= same
+            matching[:, :k] = False                                     # runs cannot start before 0
+            if not bool(matching.any()):
+                break
+            length += matching
+        hit = length >= s.dry_allowed_length                            # [B, T-1]
+        if not bool(hit.any()):
+            return scores
+        penalty = s.dry_multiplier * s.dry_base ** (length - s.dry_allowed_length).to(scores.dtype)
+        penalty = torch.where(hit, penalty, torch.zeros_like(penalty))
+        V = scores.shape[-1]
+        # the token that followed each earlier run (position j + 1) gets that run's penalty
+        per_token = torch.zeros(B, V, dtype=scores.dtype, device=self.device).scatter_reduce_(
+            1, tokens[:, 1:], penalty, reduce="amax", include_self=True)
+        per_token = per_token.masked_fill(self._eos_mask, 0.0)
+        return scores - per_token
 
     def _draw(self, probs: Tensor, u: float | None = None) -> Tensor:
         """Inverse-CDF draw with one uniform u in [0, 1) shared by every row (drawn from the

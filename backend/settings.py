@@ -10,6 +10,7 @@ Three kinds of names:
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
@@ -34,6 +35,10 @@ class GenerationSettings:
     presence_penalty: float = 0.0      # subtracted once from every token already present
     frequency_penalty: float = 0.0     # subtracted per occurrence
     no_repeat_ngram_size: int = 0      # 0 disables; n bans any token completing an n-gram already seen
+    dry_multiplier: float = 0.0        # 0 disables DRY, the penalty on extending a verbatim repeat
+    dry_base: float = 1.75             # DRY's penalty grows by this factor per token of the repeat
+    dry_allowed_length: int = 2        # repeats up to this long go unpenalised
+    dry_sequence_breakers: tuple[str, ...] = ("\n", ":", "\"", "*")  # repeats never run across these
     logit_bias: Mapping[int, float] = field(default_factory=dict)  # token id → added to its logit
     custom_token_bans: tuple[int, ...] = ()
     ban_eos_token: bool = False
@@ -51,7 +56,7 @@ class GenerationSettings:
 
 @dataclass(frozen=True)
 class Spec:
-    kind: str                 # "float", "int", "bool", "int_or_none", "token_ids", "strings", "bias"
+    kind: str                 # "float", "int", "bool", "int_or_none", "token_ids", "strings", "breakers", "bias"
     low: float = -math.inf
     high: float = math.inf
 
@@ -69,6 +74,10 @@ SETTINGS: dict[str, Spec] = {
     "presence_penalty": Spec("float", -100, 100),
     "frequency_penalty": Spec("float", -100, 100),
     "no_repeat_ngram_size": Spec("int", 0, 1024),
+    "dry_multiplier": Spec("float", 0, 100),
+    "dry_base": Spec("float", 1, 100),
+    "dry_allowed_length": Spec("int", 1, 1024),
+    "dry_sequence_breakers": Spec("breakers"),
     "logit_bias": Spec("bias", -1000, 1000),
     "custom_token_bans": Spec("token_ids"),
     "ban_eos_token": Spec("bool"),
@@ -84,7 +93,6 @@ UNSUPPORTED: dict[str, Any] = {
     "tfs": 1, "top_a": 0, "top_n_sigma": 0, "epsilon_cutoff": 0, "eta_cutoff": 0,
     "mirostat_mode": 0, "mirostat_tau": None, "mirostat_eta": None,
     "encoder_repetition_penalty": 1, "penalty_alpha": 0, "guidance_scale": 1, "negative_prompt": "",
-    "dry_multiplier": 0, "dry_base": None, "dry_allowed_length": None, "dry_sequence_breakers": None,
     "xtc_threshold": None, "xtc_probability": 0, "smoothing_factor": 0, "smoothing_curve": None,
     "dynamic_temperature": False, "dynatemp_low": None, "dynatemp_high": None, "dynatemp_exponent": None,
     "temperature_last": False, "sampler_priority": None, "num_beams": 1, "length_penalty": None,
@@ -123,6 +131,22 @@ def _token_ids(source: str, name: str, value) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _breakers(source: str, name: str, value) -> tuple[str, ...]:
+    """DRY's sequence breakers: a list of strings, or webui's text form `"\\n", ":", "\\"", "*"`
+    (JSON strings separated by commas, without the brackets)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(f"[{value}]")
+        except json.JSONDecodeError:
+            raise _fail(source, name, f'must be quoted strings separated by commas, like "\\n", ":", '
+                                      f"got {value!r}") from None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
+        raise _fail(source, name, f"must be a list of strings, got {value!r}")
+    if len(value) > 256 or any(len(s) > 32 for s in value):
+        raise _fail(source, name, "at most 256 breakers of at most 32 characters each")
+    return tuple(s for s in value if s)
+
+
 def check_value(name: str, value, *, source: str = "settings"):
     """One supported setting, checked and converted; TrimtabError naming it if it is wrong."""
     spec = SETTINGS[name]
@@ -144,6 +168,8 @@ def check_value(name: str, value, *, source: str = "settings"):
         if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
             raise _fail(source, name, f"must be a list of strings, got {value!r}")
         return tuple(s for s in value if s)
+    if spec.kind == "breakers":
+        return _breakers(source, name, value)
     if spec.kind == "bias":
         if not isinstance(value, Mapping):
             raise _fail(source, name, f"must map token ids to numbers, got {value!r}")

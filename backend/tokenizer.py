@@ -52,6 +52,7 @@ class Tokenizer:
         self.add_bos = add_bos and self.bos_token_id is not None
         self.add_eos = add_eos and bool(eos_token_ids)
         self.chat_templates = chat_templates
+        self._ids_containing: dict[tuple[str, ...], list[int]] = {}
         self.chat_template: ChatTemplate | None = chat_templates.get("default") or next(iter(chat_templates.values()), None)
 
     # -- loading ------------------------------------------------------------------------------
@@ -183,6 +184,14 @@ class Tokenizer:
 
     def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
         return self.backend.decode([int(token_id) for token_id in ids], skip_special_tokens=skip_special_tokens)
+
+    def ids_containing(self, strings: tuple[str, ...]) -> list[int]:
+        """The ids of every token whose own text contains one of `strings` (DRY's sequence
+        breakers). Decoding the whole vocabulary takes a moment, so the answer is kept."""
+        if strings not in self._ids_containing:
+            texts = self.backend.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+            self._ids_containing[strings] = [i for i, text in enumerate(texts) if any(s in text for s in strings)]
+        return self._ids_containing[strings]
 
     def stream_decoder(self, *, skip_special_tokens: bool = True) -> StreamDecoder:
         return StreamDecoder(self.backend, skip_special_tokens=skip_special_tokens)

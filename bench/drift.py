@@ -26,7 +26,8 @@ from trimtab.plugin.drift_cli import parse_presets  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = Path(__file__).resolve().parents[2] / "shared/data/drift_prompts.jsonl"
 SEED_UNSAFE = ROOT / "presets/unsafe/seed-unsafe.yaml"
-PRESETS = f"{SEED_UNSAFE}@off,{SEED_UNSAFE}@enforce,precise,balanced,creative"
+NO_DRY = ROOT / "bench/presets/balanced-no-dry.yaml"
+PRESETS = f"{SEED_UNSAFE}@off,{SEED_UNSAFE}@enforce,precise,balanced,creative,{NO_DRY}@enforce"
 MAX_NEW_TOKENS = 512
 OUT = ROOT / "out"
 DOCS_PNG = ROOT / "docs/drift.png"
@@ -62,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.max_new_tokens} new tokens, {args.batch_size} prompts per batch. "
         "Configs: the seed's unsafe settings (`presets/unsafe/seed-unsafe.yaml`: temperature 0.1, top_p 0.8, "
         "top_k 50, repetition_penalty 1.15, EOS banned) with the guard off, the same settings through the "
-        "guard (enforce), and each vetted preset (`precise`, `balanced`, `creative`).\n\n"
+        "guard (enforce: it lowers the repetition penalty, allows EOS and turns on DRY in the penalty's place), "
+        "each vetted preset (`precise`, `balanced`, `creative`; all with DRY), and `balanced` with DRY off "
+        "(`bench/presets/balanced-no-dry.yaml`) to show what DRY adds.\n\n"
         "Natural EOS: share of answers that ended by themselves. seq-rep-4: share of an answer's 4-grams "
         f"that repeat an earlier one. Topic sim: cosine (all-MiniLM-L6-v2) between the prompt and each "
         f"{WINDOW}-token window of the answer; the first window, and the lowest of the later ones "

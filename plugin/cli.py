@@ -5,8 +5,10 @@ import argparse
 import sys
 
 from trimtab.backend.errors import TrimtabError
+from trimtab.plugin.app_cli import add_app_command
 from trimtab.plugin.drift_cli import add_drift_command
 from trimtab.plugin.preset_cli import add_preset_commands
+from trimtab.plugin.webui_cli import add_webui_extension_command
 
 SAMPLE_PROMPT = "What is the capital of France?"
 
@@ -166,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_preset_commands(commands)
     add_drift_command(commands)
+    add_app_command(commands)
+    add_webui_extension_command(commands)
     return parser
 
 

@@ -1,5 +1,5 @@
-"""`trimtab preset check` and `trimtab preset import`: what the guard makes of a
-text-generation-webui preset, and a vetted copy of it."""
+"""`trimtab preset check`, `trimtab preset import` and `trimtab preset export`: what the guard
+makes of a text-generation-webui preset, a vetted copy of it, and the vetted presets for webui."""
 from __future__ import annotations
 
 import argparse
@@ -10,13 +10,14 @@ from trimtab.backend.errors import TrimtabError
 from trimtab.backend.guard import ModelTraits, Override, guard, show_value as show
 from trimtab.backend.presets import load_preset, write_preset
 from trimtab.backend.settings import SETTINGS, UNSUPPORTED, is_neutral
+from trimtab.plugin.webui_cli import add_webui_dir_arguments
 
 EXIT_CLEAN, EXIT_WOULD_CHANGE, EXIT_MALFORMED = 0, 1, 2
 
 
 def add_preset_commands(subparsers) -> None:
-    """Add `preset check` and `preset import` to the `trimtab` command line's subparsers."""
-    p = subparsers.add_parser("preset", help="check or import text-generation-webui presets")
+    """Add `preset check`, `preset import` and `preset export` to the `trimtab` command line's subparsers."""
+    p = subparsers.add_parser("preset", help="check, import or export text-generation-webui presets")
     actions = p.add_subparsers(dest="preset_command", metavar="ACTION")
     actions.required = True
 
@@ -38,6 +39,15 @@ def add_preset_commands(subparsers) -> None:
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     add_model_kind_options(p)
     p.set_defaults(run=cmd_preset_import)
+
+    p = actions.add_parser(
+        "export", help="write the vetted presets into a text-generation-webui checkout",
+        description="Write trimtab's vetted presets (precise, balanced, creative) as trimtab-NAME.yaml into a "
+                    "text-generation-webui checkout's presets folder (user_data/presets/, or presets/ in older "
+                    "checkouts), where its Parameters tab lists them. A file there with other settings is "
+                    "never replaced without --force.")
+    add_webui_dir_arguments(p, force_help="replace trimtab-NAME.yaml files that hold other settings")
+    p.set_defaults(run=cmd_preset_export)
 
 
 def add_model_kind_options(p: argparse.ArgumentParser) -> None:
@@ -133,4 +143,12 @@ def cmd_preset_import(args: argparse.Namespace) -> int:
     for line in lines:
         print(f"  {line}")
     print(f"wrote {out}: {len(changed)} changed, {len(dropped)} dropped")
+    return 0
+
+
+def cmd_preset_export(args: argparse.Namespace) -> int:
+    from trimtab.plugin.webui.preset_export import export_presets
+
+    for path, state in export_presets(args.webui_dir, force=args.force):
+        print(f"{state} {path}")
     return 0

@@ -112,3 +112,21 @@ def test_guard_overrides_are_on_the_result(model):
     out = model.chat(PROMPT, temperature=0.2, repetition_penalty=1.15, ban_eos_token=True, max_new_tokens=4)
     changed = {o.field for o in out.overrides}
     assert {"repetition_penalty", "ban_eos_token"} <= changed
+
+
+def longest_run(token_ids: list[int]) -> int:
+    best = run = 0
+    for i, token in enumerate(token_ids):
+        run = run + 1 if i and token == token_ids[i - 1] else 1
+        best = max(best, run)
+    return best
+
+
+def test_dry_steers_greedy_decoding_out_of_a_loop(model):
+    # a huge bias makes greedy decoding repeat one word; DRY's penalty on extending the repeat
+    # grows with its length (3 * 2 ** (n - 2)) until it outweighs the bias
+    loop = {"guard": "off", "temperature": 0, "max_new_tokens": 60, "logit_bias": {9: 30.0}}
+    plain = model.chat(PROMPT, **loop)
+    dry = model.chat(PROMPT, dry_multiplier=3.0, dry_base=2.0, dry_allowed_length=2, **loop)
+    assert longest_run(dry.token_ids) < longest_run(plain.token_ids), (plain.text, dry.text)
+    assert seq_rep_n(dry.token_ids, 4) < seq_rep_n(plain.token_ids, 4)

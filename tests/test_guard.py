@@ -38,13 +38,20 @@ RANGE_CASES = [
     ("frequency_penalty", 0.5, 0.1, "the longer the answer"),
     ("frequency_penalty", -0.5, 0.0, "rewards"),
     ("no_repeat_ngram_size", 3, 0, "of the"),
+    ("dry_multiplier", 5.0, 3.0, "names and terms"),
+    ("dry_base", 10.0, 1.75, "explode"),
+    ("dry_allowed_length", 1, 2, "not just verbatim loops"),
 ]
+# lowering one of these turns DRY on in its place
+LOOP_PENALTIES = {"repetition_penalty", "presence_penalty", "frequency_penalty", "no_repeat_ngram_size"}
+DRY_ON = load_policy().loops.dry_multiplier   # the strength the guard turns DRY on at
 # (field, value): inside the vetted range, or the value that turns the setting off
 KEPT_CASES = [
     ("temperature", 0.1), ("temperature", 0.3), ("top_p", 0.7), ("top_p", 0.9), ("top_k", 0), ("top_k", 20),
     ("top_k", 50), ("min_p", 0.0), ("min_p", 0.2), ("typical_p", 1.0), ("typical_p", 0.9),
     ("repetition_penalty", 1.0), ("repetition_penalty", 1.01), ("presence_penalty", 0.1), ("presence_penalty", 0.0),
     ("frequency_penalty", 0.05), ("no_repeat_ngram_size", 0), ("no_repeat_ngram_size", 10),
+    ("dry_multiplier", 0.0), ("dry_multiplier", 3.0), ("dry_base", 4.0), ("dry_allowed_length", 2),
     ("min_new_tokens", 0), ("ban_eos_token", False),
 ]
 # (settings, field, what enforce applies for an instruct model, words the reason must contain)
@@ -68,7 +75,11 @@ def only(overrides: list[Override], field: str) -> Override:
 def test_enforce_replaces_an_unsafe_value_and_says_why(field, asked, applied, words):
     settings, overrides = guard({**SAFE, field: asked}, INSTRUCT, "enforce")
     assert getattr(settings, field) == applied
-    assert overrides == [Override(field, asked, applied, only(overrides, field).reason)]
+    expected = [Override(field, asked, applied, only(overrides, field).reason)]
+    if field in LOOP_PENALTIES and applied < asked:
+        expected.append(Override("dry_multiplier", 0.0, DRY_ON, only(overrides, "dry_multiplier").reason))
+        assert settings.dry_multiplier == DRY_ON and f"in place of the lowered {field}" in expected[1].reason
+    assert overrides == expected
     reason = overrides[0].reason
     assert reason.startswith(f"{field} {asked!r}") and words in reason and "{" not in reason
 
@@ -103,7 +114,7 @@ def test_greedy_decoding_skips_the_sampling_rules(greedy):
     assert overrides == [] and settings.greedy
     # penalties and EOS still matter when decoding greedily
     _, overrides = guard({**greedy, "repetition_penalty": 1.15, "ban_eos_token": True}, INSTRUCT)
-    assert [o.field for o in overrides] == ["repetition_penalty", "ban_eos_token"]
+    assert [o.field for o in overrides] == ["repetition_penalty", "dry_multiplier", "ban_eos_token"]
 
 
 @pytest.mark.parametrize("settings, field, applied, words", EOS_CASES)
@@ -183,8 +194,25 @@ def test_unset_defaults_are_guarded_and_said_to_be_defaults():
 def test_the_seed_settings_are_fixed_in_enforce_mode():
     settings, overrides = guard(load_preset(WEBUI / "seed-unsafe.yaml"), INSTRUCT)
     assert {o.field: (o.asked, o.applied) for o in overrides} == {
-        "repetition_penalty": (1.15, 1.01), "ban_eos_token": (True, False)}
+        "repetition_penalty": (1.15, 1.01), "dry_multiplier": (0.0, DRY_ON), "ban_eos_token": (True, False)}
     assert (settings.temperature, settings.top_p, settings.top_k) == (0.1, 0.8, 50)
+
+
+def test_dry_replaces_lowered_penalties_only_when_it_is_off():
+    lowered = {**SAFE, "repetition_penalty": 1.2, "frequency_penalty": 0.5}
+    settings, overrides = guard(lowered, INSTRUCT)
+    dry = only(overrides, "dry_multiplier")
+    assert settings.dry_multiplier == DRY_ON and not dry.reason.startswith("not set")
+    assert "in place of the lowered repetition_penalty, frequency_penalty" in dry.reason
+    # the user's own DRY strength is kept
+    settings, overrides = guard({**lowered, "dry_multiplier": 0.5}, INSTRUCT)
+    assert settings.dry_multiplier == 0.5 and "dry_multiplier" not in {o.field for o in overrides}
+    # warn mode turns nothing on, and says what enforce would do
+    settings, overrides = guard(lowered, INSTRUCT, "warn")
+    assert settings.dry_multiplier == 0 and only(overrides, "dry_multiplier").reason.startswith("warning: DRY")
+    # a penalty raised to neutral (rewarding repetition) needs no replacement
+    settings, overrides = guard({**SAFE, "repetition_penalty": 0.9}, INSTRUCT)
+    assert settings.dry_multiplier == 0 and [o.field for o in overrides] == ["repetition_penalty"]
 
 
 def test_resolve_settings_overlays_the_user_on_the_preset():
@@ -243,6 +271,10 @@ def broken(edit) -> dict:
     (broken(lambda d: d["ranges"]["top_p"].pop("max") and d["ranges"]["top_p"].pop("min")), "needs a min or a max"),
     (broken(lambda d: d["eos"].update(bias_ban_at=5)), "eos.bias_ban_at: must be negative"),
     (broken(lambda d: d["eos"]["ban_eos_token"].pop("base")), "eos.ban_eos_token: missing base"),
+    (broken(lambda d: d.pop("loops")), "top level: missing loops"),
+    (broken(lambda d: d["loops"].update(dry_multiplier=0)), "loops.dry_multiplier: 0.0 must be above 0"),
+    (broken(lambda d: d["loops"].update(dry_multiplier=9.0)), "inside ranges.dry_multiplier"),
+    (broken(lambda d: d["loops"].update(reason="{nope}")), "loops.reason: bad placeholder"),
 ])
 def test_a_broken_policy_fails_clearly(data, words):
     with pytest.raises(TrimtabError, match=r"^policy\.yaml: .*" + re.escape(words)):

@@ -13,9 +13,12 @@ import pytest
 import yaml
 
 from trimtab.backend.errors import TrimtabError
+from trimtab.backend.guard import load_policy
 from trimtab.backend.presets import DEFAULT_PRESET, VETTED_PRESETS, load_preset, write_preset
 from trimtab.plugin import cli
 from trimtab.plugin.preset_cli import add_preset_commands
+
+DRY_ON = load_policy().loops.dry_multiplier   # the strength the guard turns DRY on at
 
 WEBUI = Path(__file__).parent / "fixtures" / "webui_presets"
 SHIPPED = Path(__file__).parents[1] / "presets"
@@ -77,6 +80,15 @@ def test_dict_presets_resolve_aliases_and_check_values():
         load_preset({"max_tokens": 10, "max_new_tokens": 20})
     with pytest.raises(TrimtabError, match="setting names must be text"):
         load_preset({1: 0.5})
+
+
+def test_dry_sequence_breakers_take_webuis_text_form_or_a_list():
+    assert load_preset({"dry_sequence_breakers": '"\\n", ":", "\\"", "*"'}) == {
+        "dry_sequence_breakers": ("\n", ":", '"', "*")}
+    assert load_preset({"dry_sequence_breakers": ["\n", "."]}) == {"dry_sequence_breakers": ("\n", ".")}
+    for bad in ("\\n, :", 5, [1]):
+        with pytest.raises(TrimtabError, match="dry_sequence_breakers: must be"):
+            load_preset({"dry_sequence_breakers": bad})
 
 
 def test_json_preset(tmp_path):
@@ -176,13 +188,16 @@ def test_check_explains_divine_intellect_line_by_line(capsys):
         "  top_k: 49: kept",
         "  repetition_penalty: 1.17: changed to 1.01 because repetition_penalty 1.17 penalises" + lines[4].split("penalises", 1)[1],
     ]
-    assert lines[5:] == [f"{path}: some settings would change"]
+    assert lines[5:] == [
+        f"  dry_multiplier (not in the preset): changed to {DRY_ON} because DRY turned on at {DRY_ON} in place of "
+        "the lowered repetition_penalty" + lines[5].split("repetition_penalty", 1)[1],
+        f"{path}: some settings would change"]
 
 
 @pytest.mark.parametrize("name, changes", [
-    ("LLaMA-Precise.yaml", {"temperature": "0.3", "top_p": "0.7", "repetition_penalty": "1.01"}),
-    ("simple-1.yaml", {"temperature": "0.3", "repetition_penalty": "1.01"}),
-    ("seed-unsafe.yaml", {"repetition_penalty": "1.01", "ban_eos_token": "false"}),
+    ("LLaMA-Precise.yaml", {"temperature": "0.3", "top_p": "0.7", "repetition_penalty": "1.01", "dry_multiplier (not in the preset)": str(DRY_ON)}),
+    ("simple-1.yaml", {"temperature": "0.3", "repetition_penalty": "1.01", "dry_multiplier (not in the preset)": str(DRY_ON)}),
+    ("seed-unsafe.yaml", {"repetition_penalty": "1.01", "ban_eos_token": "false", "dry_multiplier (not in the preset)": str(DRY_ON)}),
 ])
 def test_check_changes_exactly_the_unsafe_settings(capsys, name, changes):
     assert run_cli(["preset", "check", str(WEBUI / name)]) == 1
@@ -250,8 +265,9 @@ def test_import_writes_a_vetted_copy_that_checks_clean(webui, capsys):
     original = source.read_text()
     assert run_cli(["preset", "import", str(source)]) == 0
     out = webui / "Divine Intellect.vetted.yaml"
-    assert f"wrote {out}: 3 changed, 0 dropped" in capsys.readouterr().out
-    assert load_preset(out) == {"temperature": 0.3, "top_p": 0.7, "top_k": 49, "repetition_penalty": 1.01}
+    assert f"wrote {out}: 4 changed, 0 dropped" in capsys.readouterr().out
+    assert load_preset(out) == {"temperature": 0.3, "top_p": 0.7, "top_k": 49, "repetition_penalty": 1.01,
+                                "dry_multiplier": DRY_ON}
     assert out.read_text().startswith("# Vetted by trimtab from Divine Intellect.yaml")
     assert source.read_text() == original
     assert run_cli(["preset", "check", str(out)]) == 0
@@ -272,7 +288,8 @@ def test_import_for_a_base_model_keeps_the_eos_ban(webui):
     assert run_cli(["preset", "import", "--base-model", str(webui / "seed-unsafe.yaml"), "-o",
                     str(webui / "seed.json")]) == 0
     assert json.loads((webui / "seed.json").read_text()) == {
-        "temperature": 0.1, "top_p": 0.8, "top_k": 50, "repetition_penalty": 1.01, "ban_eos_token": True}
+        "temperature": 0.1, "top_p": 0.8, "top_k": 50, "repetition_penalty": 1.01, "ban_eos_token": True,
+        "dry_multiplier": DRY_ON}
 
 
 def test_import_refuses_to_overwrite_without_force(webui, capsys):

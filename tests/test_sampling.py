@@ -21,6 +21,7 @@ from trimtab.backend.settings import GenerationSettings
 V = 48
 EOS = (46, 47)
 PAD_ID = 3          # a real id, so padding that leaked into the penalties would show
+BREAKERS = (5, 11)  # DRY's sequence breakers in these tests
 INF = math.inf
 
 
@@ -43,7 +44,7 @@ def settings(**kw) -> GenerationSettings:
 
 
 def sampler(**kw) -> Sampler:
-    return Sampler(settings(**kw), vocab_size=V, eos_token_ids=EOS)
+    return Sampler(settings(**kw), vocab_size=V, eos_token_ids=EOS, sequence_breaker_ids=BREAKERS)
 
 
 # ---- data -------------------------------------------------------------------------------
@@ -103,6 +104,24 @@ def ref_penalties(row: list[float], tokens: list[int], s: GenerationSettings, al
         for start in range(len(tokens) - n + 1):
             if tokens[start:start + n - 1] == prefix:
                 x[tokens[start + n - 1]] = -INF
+    # DRY, the way webui describes it: for each earlier position, walk back while the tokens there
+    # equal the newest ones (no breakers, inside the range); the token after a long enough run
+    # is penalised by the longest such run
+    if s.dry_multiplier > 0 and tokens:
+        first = len(tokens) - (s.repetition_penalty_range or len(tokens))
+        last = len(tokens) - 1
+        dry: dict[int, float] = {}
+        for end in range(max(first, 0), last):
+            n = 0
+            while (n < Sampler.DRY_MAX_MATCH and end - n >= max(first, 0)
+                   and tokens[end - n] == tokens[last - n] and tokens[last - n] not in BREAKERS):
+                n += 1
+            if n >= s.dry_allowed_length:
+                follower = tokens[end + 1]
+                dry[follower] = max(dry.get(follower, 0.0), s.dry_multiplier * s.dry_base ** (n - s.dry_allowed_length))
+        for token, penalty in dry.items():
+            if token not in EOS:
+                x[token] -= penalty
     return x
 
 
@@ -164,7 +183,8 @@ def check_penalties_against_loop(s: GenerationSettings, seed: int, allow_eos=Tru
     rows = make_rows(seed)
     history, mask = left_pad(rows)
     logits = make_logits(seed, len(rows))
-    got = Sampler(s, vocab_size=V, eos_token_ids=EOS).apply_penalties(logits, history, mask, allow_eos=allow_eos)
+    got = Sampler(s, vocab_size=V, eos_token_ids=EOS, sequence_breaker_ids=BREAKERS).apply_penalties(
+        logits, history, mask, allow_eos=allow_eos)
     for b, row in enumerate(rows):
         allowed = bool(allow_eos[b]) if isinstance(allow_eos, torch.Tensor) else allow_eos
         assert_same_logits(got[b], ref_penalties(logits[b].tolist(), row, s, allowed))
@@ -345,10 +365,50 @@ def test_no_repeat_ngram_matches_loop_and_transformers(n):
         assert torch.equal(got[b], expected)
 
 
+# ---- 4b. DRY ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("multiplier,base,allowed", [(0.8, 1.75, 2), (2.0, 1.1, 1), (1.0, 3.0, 4)])
+@pytest.mark.parametrize("rng", [0, 7, 25])
+def test_dry_matches_loop(multiplier, base, allowed, rng):
+    s = settings(dry_multiplier=multiplier, dry_base=base, dry_allowed_length=allowed, repetition_penalty_range=rng)
+    for seed in (70, 71, 72):
+        check_penalties_against_loop(s, seed=seed)
+
+
+def test_dry_penalises_the_token_that_continues_a_loop_and_never_eos():
+    loop = [20, 21, 22, 23, 24]
+    rows = [loop * 3 + [20, 21],          # 20 21 seen 3 times before, each followed by 22
+            loop + [40, 20, 21],          # one earlier run "20 21" → 22
+            [20, 21, 46, 30, 20, 21],     # the earlier "20 21" was followed by EOS: left alone
+            [20, 5, 22, 30, 20, 5]]       # the run crosses a breaker (5): no penalty
+    history, mask = left_pad(rows)
+    logits = torch.zeros(len(rows), V)
+    got = sampler(dry_multiplier=1.0, dry_base=2.0, dry_allowed_length=2).apply_penalties(logits, history, mask)
+    # row 0: the run ending at the newest token "... 23 24 20 21" is 12 long against the first
+    # copy, so 22 loses 1 * 2 ** (12 - 2)
+    assert got[0, 22].item() == -(2.0 ** 10)
+    assert got[1, 22].item() == -1.0 and got[1].count_nonzero().item() == 1
+    assert got[2].count_nonzero().item() == 0
+    assert got[3].count_nonzero().item() == 0
+
+
+def test_dry_caps_the_run_length():
+    row = [7] * 200
+    history, mask = left_pad([row])
+    got = sampler(dry_multiplier=1.0, dry_base=1.1, dry_allowed_length=2).apply_penalties(torch.zeros(1, V), history, mask)
+    assert got[0, 7].item() == pytest.approx(-(1.1 ** (Sampler.DRY_MAX_MATCH - 2)), rel=1e-5)
+
+
+def test_dry_breaker_ids_are_checked():
+    with pytest.raises(TrimtabError, match="sequence_breaker_ids: token id 48 is outside"):
+        Sampler(settings(dry_multiplier=1.0), vocab_size=V, eos_token_ids=EOS, sequence_breaker_ids=[48])
+
+
 def test_all_penalties_together_match_loop():
     s = settings(logit_bias={2: 1.0, 5: -2.0}, custom_token_bans=(8,), repetition_penalty=1.3,
                  repetition_penalty_range=10, repetition_penalty_decay=4, presence_penalty=0.2,
-                 frequency_penalty=0.1, no_repeat_ngram_size=2)
+                 frequency_penalty=0.1, no_repeat_ngram_size=2, dry_multiplier=0.5)
     check_penalties_against_loop(s, seed=60)
     check_penalties_against_loop(s, seed=61, allow_eos=False)
 

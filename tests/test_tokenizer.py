@@ -387,3 +387,11 @@ def test_stream_decoder_flushes_an_unfinished_character(request, which):
     decoder.push(ids[-1])
     decoder.flush()
     assert "".join(decoder.push(token_id) for token_id in tokenizer.encode("Hello", add_special_tokens=False)) == "Hello"
+
+
+def test_ids_containing_finds_every_token_with_the_text(llama3):
+    ids = llama3.ids_containing(("\n", ","))
+    texts = {i: llama3.backend.decode([i], skip_special_tokens=False) for i in range(llama3.vocab_size)}
+    assert ids == [i for i, t in texts.items() if "\n" in t or "," in t] and ids
+    assert llama3.ids_containing(("\n", ",")) is ids          # decoded once, then kept
+    assert llama3.ids_containing(()) == []

@@ -1,0 +1,1 @@
+"""The text-generation-webui extension (see docs/WEBUI.md)."""
