@@ -37,10 +37,11 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section `name` of BENCHMARKS.md with `body`."""
+def write_section(name: str, body: str, script: str | None = None) -> None:
+    """Replace (or append) the section `name` of BENCHMARKS.md with `body` (written by bench/`script`.py,
+    by default bench/`name`.py)."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    stamp = f"_Written by `bench/{name}.py` on {datetime.date.today().isoformat()}; machine: {machine()}._\n\n"
+    stamp = f"_Written by `bench/{script or name}.py` on {datetime.date.today().isoformat()}; machine: {machine()}._\n\n"
     block = f"{start}\n{stamp}{body.strip()}\n{end}"
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
