@@ -12,8 +12,10 @@ from trimtab.backend.completion import Completion
 from trimtab.backend.default_model import default_model_path
 from trimtab.backend.errors import ModelFileError, TrimtabError, UnsupportedModelError
 from trimtab.backend.generation import Generation, prefill
-from trimtab.backend.models import architecture_for
+from trimtab.backend.gguf_loader import is_gguf_file, read_gguf
+from trimtab.backend.models import architecture_for, model_args
 from trimtab.backend.models.base import Transformer
+from trimtab.backend.quant import qconfig
 from trimtab.backend.guard import ModelTraits, resolve_settings
 from trimtab.backend.tokenizer import Tokenizer
 
@@ -141,25 +143,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _is_gguf(path: Path) -> bool:
-    if path.suffix.lower() == ".gguf":
-        return True
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
-
-
 def _read_source(path: Path):
     """→ (config dict, weights mapping, Tokenizer) from a GGUF file or a model dir."""
     if path.is_dir():
         config = hf_loader.read_config(path)
-        if "quantization_config" in config:
-            raise UnsupportedModelError(
-                f"{path}: quantized models ({config['quantization_config'].get('quant_method', '?')}) "
-                "are not supported by this version of trimtab yet")
+        if "quantization_config" in config:  # only trimtab's own; its layers are read by the model's WeightReader
+            qconfig.check(config["quantization_config"], path / hf_loader.CONFIG_NAME)
         return config, hf_loader.open_weights(path), Tokenizer.from_dir(path)
-    if path.is_file() and _is_gguf(path):
-        from trimtab.backend.gguf_loader import read_gguf  # gguf is only needed for GGUF files
-
+    if path.is_file() and is_gguf_file(path):
         contents = read_gguf(path)
         tokenizer = Tokenizer.from_parts(contents.tokenizer_json, contents.tokenizer_config,
                                          contents.generation_config, origin=str(path))
@@ -170,16 +161,14 @@ def _read_source(path: Path):
 
 
 def load(path: str | os.PathLike | None = None, *, device: str = "cpu") -> Model:
-    """Load a Hugging Face model dir, a .gguf file, or (None / "default") the embedded default model."""
+    """Load a Hugging Face model dir, a trimtab-quantized dir (`trimtab convert`), a .gguf file, or
+    (None / "default") the embedded default model."""
     device = resolve_device(device)
     source = default_model_path() if path in (None, "default") else Path(path).expanduser()
     config, weights, tokenizer = _read_source(source)
     try:
         arch = architecture_for(config)
-        try:
-            args = arch.ModelArgs.from_config(config)
-        except TypeError as e:
-            raise UnsupportedModelError(f"config does not fit {arch.__name__.rsplit('.', 1)[-1]}: {e}") from None
+        args = model_args(arch, config)
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         transformer = arch.Model(args, arch.sanitize(weights), dtype=dtype, device=device)
     except UnsupportedModelError as e:

@@ -106,6 +106,14 @@ def read_gguf(path: str | os.PathLike) -> GGUFContents:
     )
 
 
+def is_gguf_file(path: str | os.PathLike) -> bool:
+    """A .gguf name, or a file that starts with GGUF's magic."""
+    if os.fspath(path).lower().endswith(".gguf"):
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
 # --- the rope row order ------------------------------------------------------------------------
 
 def unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:

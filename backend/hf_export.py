@@ -43,14 +43,26 @@ def write_hf_dir(contents: GGUFContents, out_dir: str | os.PathLike, *, overwrit
     config = dict(contents.config, torch_dtype=dtype_name)
     # safetensors wants contiguous tensors that share no storage
     weights = {name: tensor.to(dtype).contiguous() for name, tensor in contents.weights.items()}
-    _write_atomically(out / "model.safetensors", lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+    write_atomically(out / "model.safetensors", lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
     del weights
-    _write_atomically(out / "tokenizer.json", lambda tmp: _write_text(tmp, contents.tokenizer_json))
-    for name, data in (("tokenizer_config.json", contents.tokenizer_config),
-                       ("generation_config.json", contents.generation_config),
-                       ("config.json", config)):  # config.json last: its presence marks a complete dir
-        _write_atomically(out / name, lambda tmp, data=data: _write_text(tmp, json.dumps(data, indent=2) + "\n"))
+    write_tokenizer_files(contents, out)
+    write_json(out / "config.json", config)  # config.json last: its presence marks a complete dir
     return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def write_tokenizer_files(contents: GGUFContents, out: Path) -> tuple[str, ...]:
+    """The GGUF's tokenizer as TOKENIZER_FILES in `out`, each written atomically; → their names."""
+    write_atomically(out / "tokenizer.json", lambda tmp: _write_text(tmp, contents.tokenizer_json))
+    write_json(out / "tokenizer_config.json", contents.tokenizer_config)
+    write_json(out / "generation_config.json", contents.generation_config)
+    return TOKENIZER_FILES
+
+
+def write_json(final: Path, data) -> None:
+    write_atomically(final, lambda tmp: _write_text(tmp, json.dumps(data, indent=2) + "\n"))
 
 
 def _write_text(path: str, text: str) -> None:
@@ -58,7 +70,7 @@ def _write_text(path: str, text: str) -> None:
         file.write(text)
 
 
-def _write_atomically(final: Path, write: Callable[[str], None]) -> None:
+def write_atomically(final: Path, write: Callable[[str], None]) -> None:
     """`write(tmp_path)`, flush it to disk, then rename it to `final`; on any failure remove it."""
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     try:

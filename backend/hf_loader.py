@@ -575,6 +575,24 @@ class SafetensorsWeights(collections.abc.Mapping[str, torch.Tensor]):
         self.dtype_of(name)  # clear error for dtypes torch lacks
         return self._load(info)
 
+    def read_copy(self, name: str) -> torch.Tensor:
+        """A private in-memory copy of the stored tensor (any dtype), read with ordinary file
+        reads. Unlike a view on the mapping it leaves no file pages counted in the process's
+        memory once the caller has turned it into something else (a quantized layer's repacking)."""
+        info = self._info(name)
+        tensor = torch.empty(info.shape, dtype=self.dtype_of(name))
+        if info.nbytes:
+            buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+            try:
+                with open(info.file, "rb") as file:
+                    file.seek(info.begin)
+                    got = file.readinto(buffer)
+            except OSError as e:
+                raise ModelFileError(info.file, f"reading tensor {name!r} failed: {e.strerror or e}") from None
+            if got != info.nbytes:
+                raise ModelFileError(info.file, f"file ended inside tensor {name!r}: the file is truncated")
+        return tensor
+
     def close(self) -> None:
         """Drop the open file handles. Tensors already returned stay valid."""
         with self._lock:

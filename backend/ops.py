@@ -3,6 +3,8 @@
     from trimtab.backend import ops
     y = ops.rms_norm(x, weight, eps)                                  # x: [..., D]
     q = ops.rotary_embedding(q, positions, inv_freq, attention_scaling=1.0, interleaved=False)
+    packed = ops.qlinear_pack(qweight, scales, mins, group_bits, group_sizes)   # canonical → CPU layout
+    y = ops.qlinear(x, packed, group_bits, group_sizes, perm, bias, out_features)  # x: [..., in]
 
 Building. The first call compiles ``csrc/*.cpp`` with ``torch.utils.cpp_extension.load``
 (JIT, ninja; about a minute) and loads the library, which registers ``torch.ops.trimtab.*``.
@@ -22,6 +24,7 @@ never loads a binary built for another CPU: each CPU kind gets its own build.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.resources
 import os
@@ -37,7 +40,7 @@ import torch
 from . import reference_ops
 from .errors import TrimtabError
 
-__all__ = ["load_extension", "rms_norm", "rotary_embedding"]
+__all__ = ["load_extension", "rms_norm", "rotary_embedding", "qlinear_pack", "qlinear", "qlinear_dequantize_rows"]
 
 _build_lock = threading.Lock()
 _library_path: Path | None = None  # set once the library is loaded in this process
@@ -69,6 +72,52 @@ def rotary_embedding(
         return reference_ops.rotary_embedding_reference(x, positions, inv_freq, attention_scaling, interleaved)
     load_extension()
     return torch.ops.trimtab.rotary_embedding(x, positions, inv_freq, attention_scaling, interleaved)
+
+
+def qlinear_pack(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_bits: torch.Tensor,
+                 group_sizes: torch.Tensor) -> torch.Tensor:
+    """A canonical quantized layer (backend/quant/format.py) → the CPU kernels' packed layout.
+
+    qweight: int32 [packed_rows, out]; scales, mins: float16 [groups, out]; group_bits: uint8
+    [groups]; group_sizes: int32 [groups] → uint8 [ceil(out / 8), tile_bytes] (docs/CSRC.md).
+    """
+    load_extension()
+    with _as_trimtab_error():
+        return torch.ops.trimtab.qlinear_pack(qweight, scales, mins, group_bits, group_sizes)
+
+
+def qlinear(x: torch.Tensor, packed: torch.Tensor, group_bits: torch.Tensor, group_sizes: torch.Tensor,
+            perm: torch.Tensor | None, bias: torch.Tensor | None, out_features: int,
+            kernel: str = "auto") -> torch.Tensor:
+    """y = x[..., perm] Wqᵀ + bias for a packed quantized W. x: [..., in] → [..., out] in x's dtype.
+
+    kernel: "auto" (the measured best for the batch size), "int8" (activations quantized to
+    int8 per 32 rows), "fp32", "scalar" or "dequant" (fp32 chunks of W and torch's matmul).
+    """
+    load_extension()
+    with _as_trimtab_error():
+        return torch.ops.trimtab.qlinear(x, packed, group_bits, group_sizes, perm, bias, out_features, kernel)
+
+
+def qlinear_dequantize_rows(packed: torch.Tensor, group_bits: torch.Tensor, group_sizes: torch.Tensor,
+                            perm: torch.Tensor | None, out_features: int, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of a packed W [out, in]: rows int64 [n] → float32 [n, in] in the original input order."""
+    load_extension()
+    with _as_trimtab_error():
+        return torch.ops.trimtab.qlinear_dequantize_rows(packed, group_bits, group_sizes, perm, out_features, rows)
+
+
+@contextlib.contextmanager
+def _as_trimtab_error():
+    """The C++ checks' RuntimeError ("trimtab::<op>: <problem>") as a TrimtabError."""
+    try:
+        yield
+    except RuntimeError as exc:
+        message = str(exc)
+        if "trimtab::" not in message:
+            raise
+        first = next((line for line in message.splitlines() if "trimtab::" in line), message)
+        raise TrimtabError(first[first.index("trimtab::"):].strip()) from None
 
 
 def load_extension() -> Path:

@@ -57,6 +57,10 @@ class Tokenizer:
 
     # -- loading ------------------------------------------------------------------------------
 
+    # every file from_dir reads (a converter copies these)
+    FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+             "chat_template.jinja", "chat_template.json")
+
     @classmethod
     def from_dir(cls, model_dir) -> Tokenizer:
         model_dir = os.fspath(model_dir)

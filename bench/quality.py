@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -37,15 +36,14 @@ def measure_load(model_dir: str) -> None:
     """In a fresh process: resident memory before trimtab.load(model_dir) and its peak during it."""
     import trimtab.backend.api  # noqa: F401  (imports are not the model's memory)
 
-    def rss_bytes() -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS in /proc/self/status")
+    def status(key: str) -> int:
+        return next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith(key + ":"))
 
-    before = rss_bytes()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the present size
+    before = status("VmRSS")
     trimtab.load(model_dir)
-    print(json.dumps({"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(json.dumps({"before": before, "peak": status("VmHWM")}))
 
 
 def load_peak_bytes(model_dir: Path) -> int:
@@ -91,6 +89,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="trimtab-quality-") as work:
         for bits, g, full in tqdm(runs, desc="conversions"):
             results[bits, g] = run_one(bits, g, Path(work), reference, ids, args.ctx, full=full)
+            tqdm.write(f"-b {bits:g} -g {g}: {results[bits, g]}")
 
     main_rows = [["float (GGUF Q4_1 dequantized)", "—", "—", "—", "0", "100%", f"{float_ppl:.3f}", "—"]]
     for bits in MAIN_BITS:

@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "rms_norm.h"
+#include "rotary.h"
 #include "vec.h"
 
 namespace trimtab::cpu {
@@ -54,65 +56,13 @@ int64_t rows_per_task(int64_t row_length) {
   return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, row_length));
 }
 
-// ---- rms_norm -------------------------------------------------------------------------
-
-template <typename T>
-float sum_of_squares(const T* x, int64_t n) {
-  int64_t i = 0;
-  float total = 0.0f;
-#ifdef TRIMTAB_AVX2
-  // Four accumulators hide the FMA latency and keep partial sums small (better rounding).
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
-    const __m256 v0 = load8(x + i), v1 = load8(x + i + kLanes);
-    const __m256 v2 = load8(x + i + 2 * kLanes), v3 = load8(x + i + 3 * kLanes);
-    acc0 = _mm256_fmadd_ps(v0, v0, acc0);
-    acc1 = _mm256_fmadd_ps(v1, v1, acc1);
-    acc2 = _mm256_fmadd_ps(v2, v2, acc2);
-    acc3 = _mm256_fmadd_ps(v3, v3, acc3);
-  }
-  for (; i + kLanes <= n; i += kLanes) {
-    const __m256 v = load8(x + i);
-    acc0 = _mm256_fmadd_ps(v, v, acc0);
-  }
-  total = horizontal_sum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
-#endif
-  for (; i < n; ++i) {
-    const float v = to_float(x[i]);
-    total += v * v;
-  }
-  return total;
-}
-
-// y = round_T(round_T(x * inv_rms) * weight), like HF's LlamaRMSNorm, which casts the
-// normalized float32 row back to the input dtype before multiplying by the weight.
-// For float32 both roundings are no-ops.
-template <typename T>
-void scale_row(T* y, const T* x, const float* weight, float inv_rms, int64_t n) {
-  int64_t i = 0;
-#ifdef TRIMTAB_AVX2
-  const __m256 scale = _mm256_set1_ps(inv_rms);
-  for (; i + kLanes <= n; i += kLanes) {
-    const __m256 normalized = round8<T>(_mm256_mul_ps(load8(x + i), scale));
-    store8(y + i, _mm256_mul_ps(normalized, _mm256_loadu_ps(weight + i)));
-  }
-#endif
-  for (; i < n; ++i) {
-    y[i] = from_float<T>(round_to<T>(to_float(x[i]) * inv_rms) * weight[i]);
-  }
-}
+// ---- rms_norm (rows in rms_norm.h) ---------------------------------------------------
 
 // x, y: [rows, dim]; weight: [dim] float32
 template <typename T>
 void rms_norm_rows(T* y, const T* x, const float* weight, int64_t rows, int64_t dim, float eps) {
   at::parallel_for(0, rows, rows_per_task(dim), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* x_row = x + r * dim;
-      // Same float32 steps as HF: mean of squares, + eps, then 1 / sqrt.
-      const float variance = sum_of_squares(x_row, dim) / static_cast<float>(dim);
-      const float inv_rms = 1.0f / std::sqrt(variance + eps);
-      scale_row(y + r * dim, x_row, weight, inv_rms, dim);
-    }
+    for (int64_t r = begin; r < end; ++r) rms_norm_row(y + r * dim, x + r * dim, weight, dim, eps);
   });
 }
 
@@ -141,13 +91,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return y;
 }
 
-// ---- rotary_embedding -----------------------------------------------------------------
-//
-// Both pair layouts are written as one multiply-add per rotated dim j:
-//   out[j] = x[j] * cos[j] + x[partner(j)] * sin[j]
-// with cos/sin expanded to one coefficient per dim (sign folded into sin):
-//   NeoX / HF rotate_half: partner(i) = i + R/2, partner(i + R/2) = i; sin = [-s, +s]
-//   interleaved (GPT-J):   partner(2i) = 2i + 1, partner(2i + 1) = 2i;  sin = [-s0, s0, -s1, s1, ...]
+// ---- rotary_embedding (rows in rotary.h) -----------------------------------------------
 
 // cos, sin: [tokens, R]; positions: [tokens]; inv_freq: [R/2]
 void fill_rotary_tables(float* cos, float* sin, const int64_t* positions, const float* inv_freq,
@@ -155,74 +99,9 @@ void fill_rotary_tables(float* cos, float* sin, const int64_t* positions, const 
   const int64_t rot_dims = 2 * half;
   at::parallel_for(0, tokens, rows_per_task(rot_dims), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      float* cos_t = cos + t * rot_dims;
-      float* sin_t = sin + t * rot_dims;
-      // HF: position_ids.float() * inv_freq in float32, then cos()/sin() * attention_scaling.
-      const float position = static_cast<float>(positions[t]);
-      for (int64_t i = 0; i < half; ++i) {
-        const float angle = position * inv_freq[i];
-        const float c = std::cos(angle) * scaling;
-        const float s = std::sin(angle) * scaling;
-        const int64_t first = interleaved ? 2 * i : i;
-        const int64_t second = interleaved ? 2 * i + 1 : i + half;
-        cos_t[first] = c;
-        cos_t[second] = c;
-        sin_t[first] = -s;
-        sin_t[second] = s;
-      }
+      fill_rotary_row(cos + t * rot_dims, sin + t * rot_dims, positions[t], inv_freq, half, scaling, interleaved);
     }
   });
-}
-
-// out[k] = x[k] * cos[k] + partner[k] * sin[k] for k in [0, n): one half of a NeoX rotation.
-template <typename T>
-void rotate_span(T* out, const T* x, const T* partner, const float* cos, const float* sin, int64_t n) {
-  int64_t k = 0;
-#ifdef TRIMTAB_AVX2
-  for (; k + kLanes <= n; k += kLanes) {
-    const __m256 direct = _mm256_mul_ps(load8(x + k), _mm256_loadu_ps(cos + k));
-    const __m256 crossed = _mm256_mul_ps(load8(partner + k), _mm256_loadu_ps(sin + k));
-    store8(out + k, _mm256_add_ps(direct, crossed));
-  }
-#endif
-  for (; k < n; ++k) {
-    out[k] = from_float<T>(to_float(x[k]) * cos[k] + to_float(partner[k]) * sin[k]);
-  }
-}
-
-// Interleaved rotation of n (even) dims: pairs (2i, 2i + 1).
-template <typename T>
-void rotate_pairs(T* out, const T* x, const float* cos, const float* sin, int64_t n) {
-  int64_t k = 0;
-#ifdef TRIMTAB_AVX2
-  // 8 lanes hold 4 whole pairs; swapping neighbours gives each lane its partner.
-  constexpr int kSwapNeighbours = 0b10110001;  // lanes [1, 0, 3, 2] in each 128-bit half
-  for (; k + kLanes <= n; k += kLanes) {
-    const __m256 v = load8(x + k);
-    const __m256 direct = _mm256_mul_ps(v, _mm256_loadu_ps(cos + k));
-    const __m256 crossed = _mm256_mul_ps(_mm256_permute_ps(v, kSwapNeighbours), _mm256_loadu_ps(sin + k));
-    store8(out + k, _mm256_add_ps(direct, crossed));
-  }
-#endif
-  for (; k < n; k += 2) {
-    const float first = to_float(x[k]), second = to_float(x[k + 1]);
-    out[k] = from_float<T>(first * cos[k] + second * sin[k]);
-    out[k + 1] = from_float<T>(second * cos[k + 1] + first * sin[k + 1]);
-  }
-}
-
-// One head: rotate the first rot_dims dims, pass the rest through (partial rotary).
-template <typename T>
-void rotate_head(T* out, const T* x, const float* cos, const float* sin, int64_t rot_dims,
-                 int64_t head_dim, bool interleaved) {
-  if (interleaved) {
-    rotate_pairs(out, x, cos, sin, rot_dims);
-  } else {
-    const int64_t half = rot_dims / 2;
-    rotate_span(out, x, x + half, cos, sin, half);
-    rotate_span(out + half, x + half, x, cos + half, sin + half, half);
-  }
-  std::copy(x + rot_dims, x + head_dim, out + rot_dims);
 }
 
 // out, x: [tokens, heads, head_dim]; cos, sin: [tokens, rot_dims]

@@ -97,6 +97,29 @@ inline __m256 round8<c10::Half>(__m256 v) {
 template <>
 inline __m256 round8<c10::BFloat16>(__m256 v) { return _mm256_castsi256_ps(bf16_rounded_bits(v)); }
 
+// e^x in 8 lanes, for the softmax and SiLU of the fused decoder. x = n ln2 + r with
+// |r| <= ln2 / 2; e^r by its Taylor polynomial to r^7 (truncation below 1e-8 relative), 2^n
+// through the exponent bits. x is clamped to [-87, 88], where e^x is a normal float: far
+// below that the result is ~1.6e-38 instead of 0, which vanishes next to any sum it joins.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = x - n ln2, with ln2 split in two so that n * ln2_high is exact
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682e-6f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);  // Horner: 1 + r + r^2/2! + ... + r^7/7!
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i two_to_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_to_n));
+}
+
 inline float horizontal_sum(__m256 v) {
   const __m128 pairs = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 quads = _mm_add_ps(pairs, _mm_movehl_ps(pairs, pairs));

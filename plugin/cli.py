@@ -6,7 +6,9 @@ import sys
 
 from trimtab.backend.errors import TrimtabError
 from trimtab.plugin.app_cli import add_app_command
+from trimtab.plugin.convert_cli import add_convert_command
 from trimtab.plugin.drift_cli import add_drift_command
+from trimtab.plugin.eval_cli import add_eval_command
 from trimtab.plugin.preset_cli import add_preset_commands
 from trimtab.plugin.webui_cli import add_webui_extension_command
 
@@ -166,8 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite model files already in OUT_DIR")
     p.set_defaults(run=cmd_import_gguf)
 
+    add_convert_command(commands)
     add_preset_commands(commands)
     add_drift_command(commands)
+    add_eval_command(commands)
     add_app_command(commands)
     add_webui_extension_command(commands)
     return parser

@@ -26,3 +26,11 @@ def architecture_for(config: dict) -> ModuleType:
         raise UnsupportedModelError(
             f"unknown architecture {asked!r}; trimtab supports {', '.join(sorted(ARCHITECTURES))}")
     return importlib.import_module(f"trimtab.backend.models.{module}")
+
+
+def model_args(arch: ModuleType, config: dict):
+    """The architecture's ModelArgs for a config.json dict; UnsupportedModelError if it does not fit."""
+    try:
+        return arch.ModelArgs.from_config(config)
+    except TypeError as e:
+        raise UnsupportedModelError(f"config does not fit {arch.__name__.rsplit('.', 1)[-1]}: {e}") from None

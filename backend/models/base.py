@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from trimtab.backend import ops
-from trimtab.backend.errors import UnsupportedModelError
+from trimtab.backend.errors import ModelFileError, TrimtabError, UnsupportedModelError
 from trimtab.backend.kv_cache import KVCache
+from trimtab.backend.quant import format as quant_format
+from trimtab.backend.quant.kernels import PackedLinear
 from trimtab.backend.rope import rope_spec
 
 MAX_LAYERS = 1024
@@ -95,7 +97,10 @@ class Linear:
 
 
 class WeightReader:
-    """Takes tensors by name, converted to the compute dtype, and reports the ones never used."""
+    """Takes tensors by name, converted to the compute dtype, and reports the ones never used.
+
+    `linear` is the one place a layer becomes float or quantized: a checkpoint that holds the layer
+    in trimtab's quantized format (backend/quant/format.py) gets a PackedLinear, else a Linear."""
 
     def __init__(self, weights: Mapping[str, torch.Tensor], dtype: torch.dtype, device):
         self.weights = weights
@@ -103,17 +108,55 @@ class WeightReader:
         self.device = device
         self.used: set[str] = set()
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, shape: tuple[int, ...] | None = None, *, convert: bool = True) -> torch.Tensor:
+        """The tensor on the device, in the compute dtype (or as stored, convert=False); its shape checked."""
         if name not in self.weights:
             raise UnsupportedModelError(f"the checkpoint has no tensor {name!r}")
         self.used.add(name)
-        return self.weights[name].to(device=self.device, dtype=self.dtype)
+        tensor = self.weights[name]
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise self._error(name, f"tensor {name!r} is {list(tensor.shape)}, but the config needs {list(shape)}")
+        return tensor.to(device=self.device, dtype=self.dtype if convert else None)
 
     def optional(self, name: str) -> torch.Tensor | None:
         return self.tensor(name) if name in self.weights else None
 
-    def linear(self, prefix: str, bias: bool) -> Linear:
-        return Linear(self.tensor(prefix + ".weight"), self.tensor(prefix + ".bias") if bias else None)
+    def has_linear(self, prefix: str) -> bool:
+        return prefix + ".weight" in self.weights or self._is_quantized(prefix)
+
+    def linear(self, prefix: str, bias: bool, shape: tuple[int, int]) -> Linear | PackedLinear:
+        """The linear layer `prefix` with weight [out, in] = shape (and bias [out])."""
+        b = self.tensor(prefix + ".bias", shape[:1]) if bias else None
+        if self._is_quantized(prefix):
+            return PackedLinear.from_canonical(self._quantized(prefix, shape), b, self.device, self.dtype)
+        if prefix + ".weight" not in self.weights:
+            raise UnsupportedModelError(
+                f"the checkpoint has no tensor '{prefix}.weight' nor a quantized '{prefix}.qweight'")
+        return Linear(self.tensor(prefix + ".weight", shape), b)
+
+    def _is_quantized(self, prefix: str) -> bool:
+        return any(f"{prefix}.{part}" in self.weights for part in quant_format.PARTS)
+
+    def _quantized(self, prefix: str, shape: tuple[int, int]) -> quant_format.QuantizedLinear:
+        # read as private copies, not views on the mapped file: the layer is repacked, and the
+        # canonical tensors are dropped once it is (peak memory stays near the file size)
+        read = getattr(self.weights, "read_copy", self.weights.__getitem__)
+        names = [f"{prefix}.{part}" for part in quant_format.PARTS + quant_format.OPTIONAL_PARTS]
+        tensors = {name: read(name) for name in names if name in self.weights}
+        self.used.update(tensors)
+        try:
+            layer = quant_format.from_tensors(tensors, prefix)
+        except TrimtabError as e:
+            raise self._error(next(iter(tensors)), str(e)) from None
+        if (layer.out_features, layer.in_features) != tuple(shape):
+            raise self._error(next(iter(tensors)), f"quantized layer {prefix} is [{layer.out_features}, "
+                              f"{layer.in_features}] (out, in), but the config needs {list(shape)}")
+        return layer
+
+    def _error(self, name: str, problem: str) -> TrimtabError:
+        """A ModelFileError naming the file that holds `name` where the weights come from files."""
+        file_of = getattr(self.weights, "file_of", None)
+        return ModelFileError(file_of(name), problem) if file_of else UnsupportedModelError(problem)
 
     def unused(self) -> list[str]:
         return sorted(set(self.weights) - self.used)
@@ -131,10 +174,12 @@ class RMSNorm:
 class Attention:
     def __init__(self, args: ModelArgs, w: WeightReader, prefix: str):
         qkv_bias = args.attention_bias or args.qkv_bias_only
-        self.q_proj = w.linear(prefix + ".q_proj", qkv_bias)
-        self.k_proj = w.linear(prefix + ".k_proj", qkv_bias)
-        self.v_proj = w.linear(prefix + ".v_proj", qkv_bias)
-        self.o_proj = w.linear(prefix + ".o_proj", args.attention_bias)
+        D = args.hidden_size
+        q_dim, kv_dim = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
+        self.q_proj = w.linear(prefix + ".q_proj", qkv_bias, (q_dim, D))
+        self.k_proj = w.linear(prefix + ".k_proj", qkv_bias, (kv_dim, D))
+        self.v_proj = w.linear(prefix + ".v_proj", qkv_bias, (kv_dim, D))
+        self.o_proj = w.linear(prefix + ".o_proj", args.attention_bias, (D, q_dim))
         self.num_heads = args.num_attention_heads
         self.num_kv_heads = args.num_key_value_heads
         self.head_dim = args.head_dim
@@ -157,9 +202,10 @@ class GatedMLP:
     """down(silu(gate(x)) * up(x))"""
 
     def __init__(self, args: ModelArgs, w: WeightReader, prefix: str):
-        self.gate_proj = w.linear(prefix + ".gate_proj", args.mlp_bias)
-        self.up_proj = w.linear(prefix + ".up_proj", args.mlp_bias)
-        self.down_proj = w.linear(prefix + ".down_proj", args.mlp_bias)
+        D, I = args.hidden_size, args.intermediate_size
+        self.gate_proj = w.linear(prefix + ".gate_proj", args.mlp_bias, (I, D))
+        self.up_proj = w.linear(prefix + ".up_proj", args.mlp_bias, (I, D))
+        self.down_proj = w.linear(prefix + ".down_proj", args.mlp_bias, (D, I))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -197,19 +243,17 @@ class Transformer:
         self.dtype = dtype
         self.device = torch.device(device)
         w = WeightReader(weights, dtype, self.device)
-        self.embed_tokens = w.tensor("model.embed_tokens.weight")  # [V, D]
+        V, D = args.vocab_size, args.hidden_size
+        head_is_embedding = args.tie_word_embeddings or not w.has_linear("lm_head")
+        # one row is read per token, so the embedding stays as stored unless the head multiplies by it
+        self.embed_tokens = w.tensor("model.embed_tokens.weight", (V, D), convert=head_is_embedding)  # [V, D]
         self.layers = [DecoderLayer(args, w, i, self.mlp_factory) for i in range(args.num_hidden_layers)]
         self.norm = RMSNorm(w.tensor("model.norm.weight"), args.rms_norm_eps)
-        head = w.optional("lm_head.weight")
-        if head is None or args.tie_word_embeddings:
-            head = self.embed_tokens
-        self.lm_head = Linear(head)
+        self.lm_head = Linear(self.embed_tokens) if head_is_embedding else w.linear("lm_head", False, (V, D))
+        w.used.add("lm_head.weight")  # with tied embeddings, a checkpoint's copy of the embedding
         self.rope = rope_spec(args.rope_theta, args.rotary_dim, args.rope_scaling)
         self.rope = type(self.rope)(self.rope.inv_freq.to(self.device), self.rope.attention_scaling)
         self.unused_weights = w.unused()
-        if self.embed_tokens.shape[0] != args.vocab_size:
-            raise UnsupportedModelError(
-                f"embedding has {self.embed_tokens.shape[0]} rows but vocab_size is {args.vocab_size}")
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return KVCache(num_layers=len(self.layers), batch_size=batch_size,
@@ -223,7 +267,7 @@ class Transformer:
         positions = cache.positions(S)  # [B, S]
         windows = {layer.sliding_window for layer in self.layers}
         masks = {window: cache.attention_mask(S, window) for window in windows}
-        x = F.embedding(tokens, self.embed_tokens)  # [B, S, D]
+        x = F.embedding(tokens, self.embed_tokens).to(self.dtype)  # [B, S, D]
         for layer in self.layers:
             x = layer(x, positions, self.rope, cache, masks)
         cache.advance(S)

@@ -51,12 +51,13 @@ class SparseMoE:
                 f"num_experts_per_tok ({args.num_experts_per_tok}) must be in 1..num_local_experts "
                 f"({args.num_local_experts})")
         self.top_k = args.num_experts_per_tok
-        self.router = w.linear(prefix + ".gate", False)
+        D, I, E = args.hidden_size, args.intermediate_size, args.num_local_experts
+        self.router = w.linear(prefix + ".gate", False, (E, D))
         self.experts = [
-            (w.linear(f"{prefix}.experts.{e}.w1", False),   # gate
-             w.linear(f"{prefix}.experts.{e}.w3", False),   # up
-             w.linear(f"{prefix}.experts.{e}.w2", False))   # down
-            for e in range(args.num_local_experts)
+            (w.linear(f"{prefix}.experts.{e}.w1", False, (I, D)),   # gate
+             w.linear(f"{prefix}.experts.{e}.w3", False, (I, D)),   # up
+             w.linear(f"{prefix}.experts.{e}.w2", False, (D, I)))   # down
+            for e in range(E)
         ]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
