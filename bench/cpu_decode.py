@@ -11,17 +11,16 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import subprocess
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_process import LlamaCppEngine, engine_parser, run_in_own_process  # noqa: E402
 from report import markdown_table, median_seconds, write_section  # noqa: E402
 
 import trimtab  # noqa: E402
@@ -80,26 +79,6 @@ class TransformersEngine:
         self.next = int(out.logits[0, -1].argmax())
 
 
-class LlamaCppEngine:
-    name = "llama.cpp (llama-cpp-python)"
-
-    def __init__(self, threads: int, context: int):
-        from llama_cpp import Llama
-
-        self.llm = Llama(model_path=str(default_model_path()), n_threads=threads, n_threads_batch=threads,
-                         n_ctx=context, n_batch=PREFILL_TOKENS, verbose=False)
-
-    def prefill(self, ids: list[int]) -> None:
-        self.llm.reset()
-        self.llm.eval(ids)
-        self.next = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-
-    def decode(self, steps: int) -> None:
-        for _ in range(steps):
-            self.llm.eval([self.next])
-            self.next = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-
-
 def measure(engine, ids: list[int], repeats: int, decode_tokens: int) -> tuple[float, float]:
     """→ (prefill tokens/s over PREFILL_TOKENS, decode tokens/s over decode_tokens)."""
     prefill_s = median_seconds(lambda: engine.prefill(ids[:PREFILL_TOKENS]), repeats)
@@ -115,14 +94,6 @@ def measure(engine, ids: list[int], repeats: int, decode_tokens: int) -> tuple[f
 ENGINES = {cls.__name__: cls for cls in (TrimtabEngine, TransformersEngine, LlamaCppEngine)}
 
 
-def run_engine(name: str, args: argparse.Namespace) -> tuple[float, float]:
-    """Measure one engine in a process of its own, so no engine's thread pool disturbs another's."""
-    command = [sys.executable, __file__, "--engine", name, "--threads", str(args.threads),
-               "--repeats", str(args.repeats), "--decode-tokens", str(args.decode_tokens)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return tuple(json.loads(result.stdout.strip().splitlines()[-1]))
-
-
 def measure_engine(name: str, args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     ids = trimtab.load().tokenizer.encode(WIKI.read_text(encoding="utf-8")[:20000])
@@ -131,16 +102,12 @@ def measure_engine(name: str, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--engine", choices=sorted(ENGINES), help=argparse.SUPPRESS)  # one engine, in a child
-    args = parser.parse_args()
+    args = engine_parser(__doc__, ENGINES).parse_args()
     if args.engine:
         return measure_engine(args.engine, args)
 
-    results = {ENGINES[name].name: run_engine(name, args) for name in tqdm(ENGINES, desc="engines")}
+    results = {ENGINES[name].name: tuple(run_in_own_process(__file__, name, args))
+               for name in tqdm(ENGINES, desc="engines")}
     ours = results[TrimtabEngine.name]
     rows = [[name, f"{decode_tps:.1f}", f"{prefill_tps:.1f}", f"{ours[1] / decode_tps:.2f}×",
              f"{ours[0] / prefill_tps:.2f}×"] for name, (prefill_tps, decode_tps) in results.items()]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,10 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_process import LlamaCppEngine, engine_parser, run_in_own_process  # noqa: E402
 from report import markdown_table, write_section  # noqa: E402
 
 import trimtab  # noqa: E402
-from trimtab.backend.default_model import default_model_path  # noqa: E402
 from trimtab.backend.fused_decode import FusedDecoder  # noqa: E402
 from trimtab.backend.quant import format as qformat  # noqa: E402
 from trimtab.backend.quant.kernels import PackedLinear  # noqa: E402
@@ -104,26 +103,6 @@ class FusedEngine(TrimtabEngine):
             self.next = int(logits.argmax())
 
 
-class LlamaCppEngine:
-    name = "llama.cpp (llama-cpp-python), the Q4_1 GGUF"
-
-    def __init__(self, threads: int, context: int):
-        from llama_cpp import Llama
-
-        self.llm = Llama(model_path=str(default_model_path()), n_threads=threads, n_threads_batch=threads,
-                         n_ctx=context, verbose=False)
-
-    def prefill(self, ids: list[int]) -> None:
-        self.llm.reset()
-        self.llm.eval(ids)
-        self.next = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
-
-    def decode(self, steps: int) -> None:
-        for _ in range(steps):
-            self.llm.eval([self.next])
-            self.next = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
-
-
 ENGINES = {cls.__name__: cls for cls in (FusedEngine, TrimtabEngine, LlamaCppEngine)}
 
 
@@ -142,21 +121,13 @@ def measure_engine(name: str, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--engine", choices=sorted(ENGINES), help=argparse.SUPPRESS)  # one engine, in a child
-    args = parser.parse_args()
+    args = engine_parser(__doc__, ENGINES).parse_args()
     if args.engine:
         return measure_engine(args.engine, args)
 
     results = {}
-    for name, cls in ENGINES.items():  # each engine in its own process: no thread pool disturbs another's
-        command = [sys.executable, __file__, "--engine", name, "--threads", str(args.threads),
-                   "--repeats", str(args.repeats), "--decode-tokens", str(args.decode_tokens)]
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        results[cls.name] = json.loads(output.strip().splitlines()[-1])
+    for name, cls in ENGINES.items():
+        results[cls.name] = run_in_own_process(__file__, name, args)
         print(f"{cls.name}: {results[cls.name]:.1f} tok/s", flush=True)
     llama = results[LlamaCppEngine.name]
     rows = [[name, f"{tps:.1f}", f"{tps / llama:.2f}×"] for name, tps in results.items()]

@@ -1,0 +1,55 @@
+"""Shared by the side-by-side speed benchmarks: each engine is measured in a process of its own
+(so no engine's thread pool disturbs another's), and llama.cpp on the embedded default GGUF.
+
+A benchmark script builds its parser with `engine_parser`, and in `main` either measures the one
+engine its child invocation names (`args.engine`) or runs every engine through `run_in_own_process`,
+which re-runs the script with `--engine NAME` and reads the JSON line the child prints last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from trimtab.backend.default_model import default_model_path
+
+
+def engine_parser(description: str, engines) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--engine", choices=sorted(engines), help=argparse.SUPPRESS)  # one engine, in a child
+    return parser
+
+
+def run_in_own_process(script: str, name: str, args: argparse.Namespace):
+    """Run `script --engine name` with the same settings; → the JSON value it printed last."""
+    command = [sys.executable, script, "--engine", name, "--threads", str(args.threads),
+               "--repeats", str(args.repeats), "--decode-tokens", str(args.decode_tokens)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+class LlamaCppEngine:
+    """llama.cpp (llama-cpp-python) on the embedded default model's own Q4_1 GGUF, greedy."""
+    name = "llama.cpp (llama-cpp-python), the Q4_1 GGUF"
+
+    def __init__(self, threads: int, context: int, batch: int = 512):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(default_model_path()), n_threads=threads, n_threads_batch=threads,
+                         n_ctx=context, n_batch=batch, verbose=False)
+
+    def prefill(self, ids: list[int]) -> None:
+        self.llm.reset()
+        self.llm.eval(ids)
+        self.next = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def decode(self, steps: int) -> None:
+        for _ in range(steps):
+            self.llm.eval([self.next])
+            self.next = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
