@@ -91,8 +91,9 @@ def qlinear(x: torch.Tensor, packed: torch.Tensor, group_bits: torch.Tensor, gro
             kernel: str = "auto") -> torch.Tensor:
     """y = x[..., perm] Wqᵀ + bias for a packed quantized W. x: [..., in] → [..., out] in x's dtype.
 
-    kernel: "auto" (the measured best for the batch size), "int8" (activations quantized to
-    int8 per 32 rows), "fp32", "scalar" or "dequant" (fp32 chunks of W and torch's matmul).
+    kernel: "auto" (the measured best: int8 with AVX2, else scalar or dequant by batch size),
+    "int8" (activations quantized to int8 per 32 rows, integer dot products), "fp32" (exact),
+    "scalar" (plain C++) or "dequant" (fp32 chunks of W and torch's matmul). docs/CSRC.md.
     """
     load_extension()
     with _as_trimtab_error():

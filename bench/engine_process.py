@@ -2,13 +2,16 @@
 (so no engine's thread pool disturbs another's), and llama.cpp on the embedded default GGUF.
 
 A benchmark script builds its parser with `engine_parser`, and in `main` either measures the one
-engine its child invocation names (`args.engine`) or runs every engine through `run_in_own_process`,
-which re-runs the script with `--engine NAME` and reads the JSON line the child prints last.
+engine its child invocation names (`args.engine`) or runs every engine through `run_rounds`, which
+re-runs the script with `--engine NAME` and reads the JSON line the child prints last. The engines
+take turns for several rounds, so that a burst of load on a shared machine hits all of them alike;
+each figure is the median over rounds.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 
@@ -21,17 +24,39 @@ def engine_parser(description: str, engines) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="times each engine is run, taking turns")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--engine", choices=sorted(engines), help=argparse.SUPPRESS)  # one engine, in a child
     return parser
 
 
-def run_in_own_process(script: str, name: str, args: argparse.Namespace):
-    """Run `script --engine name` with the same settings; → the JSON value it printed last."""
+def run_in_own_process(script: str, name: str, args: argparse.Namespace, extra: tuple[str, ...] = ()):
+    """Run `script --engine name` with the same settings (and `extra` arguments); → the JSON value
+    it printed last."""
     command = [sys.executable, script, "--engine", name, "--threads", str(args.threads),
-               "--repeats", str(args.repeats), "--decode-tokens", str(args.decode_tokens)]
+               "--repeats", str(args.repeats), "--decode-tokens", str(args.decode_tokens), *extra]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_rounds(script: str, engines: dict, args: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict:
+    """Every engine `args.rounds` times, taking turns, each in its own process.
+
+    engines: {key: engine class with a `name`}; a child prints a number or a list of numbers.
+    → {engine name: the median over rounds (per element for a list)}.
+    """
+    runs = {key: [] for key in engines}
+    for round_ in range(args.rounds):
+        for key, cls in engines.items():
+            runs[key].append(run_in_own_process(script, key, args, extra))
+            print(f"round {round_ + 1}/{args.rounds} {cls.name}: {runs[key][-1]}", file=sys.stderr, flush=True)
+    return {engines[key].name: _median(values) for key, values in runs.items()}
+
+
+def _median(values: list):
+    if isinstance(values[0], list):
+        return [statistics.median(column) for column in zip(*values)]
+    return statistics.median(values)
 
 
 class LlamaCppEngine:

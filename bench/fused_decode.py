@@ -3,7 +3,7 @@ decoder (csrc/decode.cpp, one C++ call per token) and the op-by-op Python path o
 packed layers, against llama.cpp (llama-cpp-python) on the default model's own Q4_1 GGUF.
 Writes its table into BENCHMARKS.md.
 
-    python bench/fused_decode.py [--threads 2] [--repeats 3] [--decode-tokens 64]
+    python bench/fused_decode.py [--threads 2] [--repeats 3] [--rounds 3] [--decode-tokens 64]
 
 trimtab runs random weights with the GGUF's shapes and bits per weight (every linear 4-bit in
 groups of 32 = Q4_1's 5.0 bpw, the tied head/embedding 8-bit in groups of 64 = Q8_0's 8.5 bpw):
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_process import LlamaCppEngine, engine_parser, run_in_own_process  # noqa: E402
+from engine_process import LlamaCppEngine, engine_parser, run_rounds  # noqa: E402
 from report import markdown_table, write_section  # noqa: E402
 
 import trimtab  # noqa: E402
@@ -73,11 +73,11 @@ class TrimtabEngine:
     def prefill(self, ids: list[int]) -> None:
         self.cache = self.model.new_cache(1, self.context)
         logits = self.model.forward(torch.tensor([ids]), self.cache, last_only=True)
-        self.next = int(logits[0, -1].argmax())
+        self.next = int(logits[0, -1].numpy().argmax())  # numpy's argmax, as for llama.cpp's scores
 
     def decode(self, steps: int) -> None:
         for _ in range(steps):
-            self.next = int(self.model.forward(torch.tensor([[self.next]]), self.cache)[0, -1].argmax())
+            self.next = int(self.model.forward(torch.tensor([[self.next]]), self.cache)[0, -1].numpy().argmax())
 
 
 class FusedEngine(TrimtabEngine):
@@ -94,13 +94,13 @@ class FusedEngine(TrimtabEngine):
         for token in ids:  # the embedding rows come from the head: prefill through the decoder too
             logits = self.decoder.step(token, self.cache)
             self.cache.advance(1)
-        self.next = int(logits.argmax())
+        self.next = int(logits.numpy().argmax())
 
     def decode(self, steps: int) -> None:
         for _ in range(steps):
             logits = self.decoder.step(self.next, self.cache)
             self.cache.advance(1)
-            self.next = int(logits.argmax())
+            self.next = int(logits.numpy().argmax())
 
 
 ENGINES = {cls.__name__: cls for cls in (FusedEngine, TrimtabEngine, LlamaCppEngine)}
@@ -125,16 +125,14 @@ def main() -> None:
     if args.engine:
         return measure_engine(args.engine, args)
 
-    results = {}
-    for name, cls in ENGINES.items():
-        results[cls.name] = run_in_own_process(__file__, name, args)
-        print(f"{cls.name}: {results[cls.name]:.1f} tok/s", flush=True)
+    results = run_rounds(__file__, ENGINES, args)
     llama = results[LlamaCppEngine.name]
     rows = [[name, f"{tps:.1f}", f"{tps / llama:.2f}×"] for name, tps in results.items()]
     body = (
         f"Decode on the embedded default model's shapes (SmolLM2-135M: 30 layers, hidden 576, vocab 49152), "
         f"{args.threads} threads, greedy, batch 1: {args.decode_tokens} tokens after a {PROMPT_TOKENS}-token "
-        f"prompt, median of {args.repeats} runs after a warm-up, each engine in its own process. trimtab runs "
+        f"prompt; each engine in its own process, the engines taking turns for {args.rounds} rounds; per round the "
+        f"median of {args.repeats} runs after a warm-up, then the median over rounds. trimtab runs "
         f"random weights with the GGUF's bits per weight: every linear {LINEAR_BITS}-bit in groups of "
         f"{LINEAR_GROUP} (= Q4_1's 5.0 bpw), the tied head/embedding {HEAD_BITS}-bit in groups of {HEAD_GROUP} "
         "(= Q8_0's 8.5 bpw); llama.cpp runs the real Q4_1 GGUF. The ratio is over llama.cpp's tokens/s.\n\n"

@@ -103,6 +103,16 @@ def decode_rows(repeats: int) -> list[list]:
     return rows
 
 
+def call_overheads(repeats: int) -> tuple[float, float]:
+    """µs of one call on a tiny layer (32 → 8): torch's F.linear and the qlinear op, all fixed costs."""
+    layer = random_layer(32, 8, CONFIGS["4-bit"])
+    packed = packed_copies(layer)[:1]
+    x, weight = torch.randn(1, 32), torch.randn(8, 32)
+    ours = seconds_per_call(qlinear_calls(layer, packed, x, "int8") * 64, repeats)
+    theirs = seconds_per_call([lambda: F.linear(x, weight)] * 64, repeats)
+    return theirs * 1e6, ours * 1e6
+
+
 def batch_rows(repeats: int) -> list[list]:
     rows = []
     for in_f, out_f, name in [(576, 1536, "gate/up"), (1536, 576, "down")]:
@@ -129,6 +139,7 @@ def main() -> None:
     torch.manual_seed(0)
     ops.load_extension()
 
+    torch_call_us, qlinear_call_us = call_overheads(args.repeats)
     decode = decode_rows(args.repeats)
     batch = batch_rows(args.repeats)
     body = (
@@ -139,11 +150,14 @@ def main() -> None:
         f"{STREAM_BYTES >> 20} MiB in all) so that every call reads them from memory, as a decode step does. "
         "GB/s = bytes of weights per call / time (torch: fp32 W; trimtab: the packed layer with its scales and "
         "mins; bpw counts those). int8: activations quantized per 32 rows, integer dot products; fp32: fp32 "
-        "activations, weights converted in registers. Speed-up is torch's time over int8's.\n\n"
+        "activations, weights converted in registers. Speed-up is torch's time over int8's. Times include each "
+        f"call's fixed cost from Python, measured on a 32 → 8 layer: {torch_call_us:.1f} µs for `F.linear`, "
+        f"{qlinear_call_us:.1f} µs for the `qlinear` op (the fused decoder pays neither).\n\n"
         + markdown_table(["shape", "weights", "bpw", "torch µs", "torch GB/s", "int8 µs", "int8 GB/s",
                           "fp32 µs", "fp32 GB/s", "speed-up"], decode)
-        + "\n\n**Batches (4-bit, weights cache-resident).** µs per call for a batch of rows; `auto` is what "
-        "`PackedLinear` runs (int8 for small batches, else dequant: fp32 column chunks and torch's matmul).\n\n"
+        + "\n\n**Batches (4-bit, weights cache-resident).** µs per call for a batch of rows: torch's fp32 matmul "
+        "on the dequantized W, the int8 kernel, dequant (fp32 column chunks of W, then torch's matmul) and "
+        "`auto`, what `PackedLinear` runs.\n\n"
         + markdown_table(["shape", "rows", "torch fp32 µs", "int8 µs", "dequant µs", "auto µs"], batch)
     )
     write_section("qlinear_kernels", body)

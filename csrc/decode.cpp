@@ -25,9 +25,9 @@
 #include <cmath>
 #include <limits>
 #include <mutex>
-#include <tuple>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "qlinear.h"

@@ -81,15 +81,17 @@ void dequantize_tiles(const Layout& layout, const uint8_t* packed, int64_t tile_
 
 // How the activations meet the weights.
 enum class Kernel {
-  Auto,     // the measured best for the batch size (docs/CSRC.md)
+  Auto,     // the measured best (docs/CSRC.md): Int8 with AVX2, else Scalar or Dequant by rows
   Int8,     // activations quantized to int8 per (row, group), integer dot products (AVX2)
   Fp32,     // fp32 activations, weights converted to fp32 in registers (AVX2)
   Scalar,   // plain C++, fp32; what every kernel falls back to without AVX2
   Dequant,  // dequantize column chunks to fp32, then torch's matmul
 };
 
-// Rows up to this many go to the Int8 kernel under Kernel::Auto; more rows to Dequant.
-constexpr int64_t kAutoInt8MaxRows = 8;
+// Kernel::Auto, measured on AMD EPYC (bench/qlinear_kernels.py): with AVX2 the Int8 kernel is
+// fastest at every batch size tried (1 to 512 rows, ahead of torch's fp32 matmul on
+// dequantized weights); without it the Scalar kernel is, up to this many rows, then Dequant.
+constexpr int64_t kScalarMaxRows = 2;
 
 // x rows as the Fp32 and Scalar kernels read them: in quantized row order (perm applied),
 // each group padded with zeros to whole blocks, with each group's exact sum.

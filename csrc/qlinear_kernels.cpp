@@ -168,6 +168,12 @@ void scalar_tile(const Layout& layout, const uint8_t* tile, const float* x, cons
 
 // ---- AVX2: int8 activations -----------------------------------------------------------
 
+// Weights are read once per call, front to back: asking for them 2 KiB ahead hides memory
+// latency that the hardware prefetcher leaves exposed at the start of each thread's range
+// (measured on AMD EPYC, 1 thread: 8 -> 11 GB/s streaming 4-bit layers; 1 and 4 KiB did less).
+// Prefetches past the end of the packed tensor are harmless hints.
+constexpr int64_t kPrefetchBytes = 2048;
+
 inline __m256i broadcast_quad(const int8_t* x) {
   int32_t four;
   std::memcpy(&four, x, sizeof four);
@@ -185,6 +191,9 @@ TRIMTAB_ALWAYS_INLINE void int8_group_dot(const uint8_t* block, int64_t blocks, 
                                           const float* const* x_scales, __m256* dots) {
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < blocks; ++b, block += block_bytes(Bits)) {
+    for (int64_t line = 0; line < block_bytes(Bits); line += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetchBytes + line), _MM_HINT_T0);
+    }
     __m256i sums[Rows], pending[Rows];
     for_each_quad<Bits>(block, [&](auto j, __m256i q) {
       constexpr int J = decltype(j)::value;
@@ -317,29 +326,37 @@ const float* tile_bias(const Matrix& m, int64_t tile) {
   return m.bias != nullptr ? m.bias + tile * kTileColumns : nullptr;
 }
 
-// Int8 kernel over several rows: each tile takes the rows four at a time, so its weights are
-// unpacked once per four rows while they sit in L1.
+// Int8 activations of one chunk of rows stay within this many bytes (half of a 512 KiB L2),
+// so that every tile of the weights meets them in cache; the weights are read once per chunk.
+constexpr int64_t kInt8ChunkBytes = 256 * 1024;
+
+// Int8 kernel over several rows: rows in L2-sized chunks; within a chunk each tile takes the
+// rows four at a time, so its weights are unpacked once per four rows while they sit in L1.
 void forward_int8(const Matrix& m, const float* x, int64_t rows, float* y) {
 #ifdef TRIMTAB_AVX2
   const Layout& layout = *m.layout;
   Int8Activations a;
   prepare_int8(layout, x, m.perm, rows, a);
   const int64_t n = layout.out_features;
-  at::parallel_for(0, layout.tiles, tiles_per_task(layout.padded_in, rows), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const uint8_t* tile = m.packed + t * layout.tile_bytes;
-      const int64_t columns = tile_columns(layout, t);
-      float* y_tile = y + t * kTileColumns;
-      int64_t r = 0;
-      for (; r + 4 <= rows; r += 4) int8_tile<4>(layout, tile, a, r, tile_bias(m, t), columns, y_tile + r * n, n);
-      switch (rows - r) {
-        case 3: int8_tile<3>(layout, tile, a, r, tile_bias(m, t), columns, y_tile + r * n, n); break;
-        case 2: int8_tile<2>(layout, tile, a, r, tile_bias(m, t), columns, y_tile + r * n, n); break;
-        case 1: int8_tile<1>(layout, tile, a, r, tile_bias(m, t), columns, y_tile + r * n, n); break;
-        default: break;
+  const int64_t chunk = std::max<int64_t>(4, kInt8ChunkBytes / layout.padded_in / 4 * 4);
+  for (int64_t first = 0; first < rows; first += chunk) {
+    const int64_t last = std::min(rows, first + chunk);
+    at::parallel_for(0, layout.tiles, tiles_per_task(layout.padded_in, last - first), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const uint8_t* tile = m.packed + t * layout.tile_bytes;
+        const int64_t columns = tile_columns(layout, t);
+        float* y_tile = y + t * kTileColumns;
+        int64_t r = first;
+        for (; r + 4 <= last; r += 4) int8_tile<4>(layout, tile, a, r, tile_bias(m, t), columns, y_tile + r * n, n);
+        switch (last - r) {
+          case 3: int8_tile<3>(layout, tile, a, r, tile_bias(m, t), columns, y_tile + r * n, n); break;
+          case 2: int8_tile<2>(layout, tile, a, r, tile_bias(m, t), columns, y_tile + r * n, n); break;
+          case 1: int8_tile<1>(layout, tile, a, r, tile_bias(m, t), columns, y_tile + r * n, n); break;
+          default: break;
+        }
       }
-    }
-  });
+    });
+  }
 #else
   TORCH_CHECK(false, "trimtab::qlinear: the int8 kernel needs AVX2");
 #endif
@@ -412,8 +429,10 @@ void forward_dequant(const Matrix& m, const float* x, int64_t rows, float* y) {
 }  // namespace
 
 void forward(const Matrix& m, const float* x, int64_t rows, float* y, Kernel kernel) {
-  if (kernel == Kernel::Auto) kernel = rows <= kAutoInt8MaxRows ? Kernel::Int8 : Kernel::Dequant;
-#ifndef TRIMTAB_AVX2
+#ifdef TRIMTAB_AVX2
+  if (kernel == Kernel::Auto) kernel = Kernel::Int8;
+#else
+  if (kernel == Kernel::Auto) kernel = rows <= kScalarMaxRows ? Kernel::Scalar : Kernel::Dequant;
   if (kernel == Kernel::Int8 || kernel == Kernel::Fp32) kernel = Kernel::Scalar;
 #endif
   if (rows == 1 && kernel != Kernel::Dequant) {

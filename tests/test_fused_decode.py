@@ -52,7 +52,7 @@ def quantize(weight: torch.Tensor, group_size: int, seed: int) -> qformat.Quanti
     return qformat.pack(torch.cat(qs), torch.stack(scales), torch.stack(mins), widths, sizes, perm)
 
 
-def tiny_model(args: base.ModelArgs, model_cls=base.Transformer, seed: int = 0) -> base.Transformer:
+def tiny_model(args: base.ModelArgs, seed: int = 0) -> base.Transformer:
     """Random weights, then every linear (and the head) quantized and packed for the CPU kernels."""
     torch.manual_seed(seed)
     d, hd = args.hidden_size, args.head_dim
@@ -75,16 +75,17 @@ def tiny_model(args: base.ModelArgs, model_cls=base.Transformer, seed: int = 0) 
                 shapes[p + f"self_attn.{name}.bias"] = (shapes[p + f"self_attn.{name}.weight"][0],)
     weights = {name: (1 + 0.2 * torch.randn(shape)) if name.endswith("norm.weight") else 0.15 * torch.randn(shape)
                for name, shape in shapes.items()}
-    model = model_cls(args, weights)
-    seed = 0
+    model = base.Transformer(args, weights)
+    layer_seed = 0
     for layer in model.layers:
         for block, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
             for name in names:
                 dense = getattr(block, name)
-                setattr(block, name, PackedLinear.from_canonical(quantize(dense.weight, 32, seed), dense.bias, "cpu"))
-                seed += 1
-    head = quantize(model.lm_head.weight, 48, seed)
+                setattr(block, name, PackedLinear.from_canonical(quantize(dense.weight, 32, layer_seed), dense.bias,
+                                                                 "cpu"))
+                layer_seed += 1
+    head = quantize(model.lm_head.weight, 48, layer_seed)
     model.lm_head = PackedLinear.from_canonical(head, None, "cpu")
     if args.tie_word_embeddings:  # the quantized head serves as the embedding too
         model.embed_tokens = model.lm_head.dequantized_rows(torch.arange(VOCAB))
@@ -192,7 +193,6 @@ def test_ineligible_models_and_bad_steps_are_refused():
     full.advance(2)
     with pytest.raises(ValueError, match="KV cache full"):
         decoder.step(1, full)
-    dense_layer = model.layers[1].mlp.up_proj = base.Linear(torch.randn(96, 64))
-    assert dense_layer is not None
+    model.layers[1].mlp.up_proj = base.Linear(torch.randn(96, 64))
     assert "layer 1 mlp.up_proj" in why_not(model)
     assert FusedDecoder.build(model) is None

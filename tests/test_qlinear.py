@@ -163,6 +163,13 @@ def test_mixed_widths_with_perm_and_bias(widths, sizes, out, perm, batch):
     oracle.check(x, run(layer, x, bias, "int8"), bias, int8=True)
 
 
+def test_long_inputs_and_many_rows_cross_the_int8_row_chunks():
+    # int8 activations go in chunks of at most 256 KiB of rows (28 rows of 8224 bytes here)
+    layer, oracle = layer_and_oracle((4, 6, 3), (4096, 4000, 104), 40)
+    x = torch.randn(61, 8200)
+    oracle.check(x, run(layer, x, kernel="int8"), int8=True)
+
+
 def test_outlier_activations_stay_within_the_int8_bound():
     layer = random_layer([4, 6, 8], [128, 128, 128], 96, seed=7)
     x = torch.randn(5, 384)
@@ -239,7 +246,7 @@ def test_packed_linear_on_cpu_uses_the_kernels():
     oracle = Oracle(layer)
     for shape in [(1, 576), (1, 1, 576), (3, 576), (2, 40, 576)]:
         x = torch.randn(shape)
-        oracle.check(x, linear(x), bias, int8=True)  # int8 for small batches, else fp32
+        oracle.check(x, linear(x), bias, int8=True)  # auto: int8 with AVX2 (scalar or dequant without)
     ids = torch.tensor([5, 299, 0])
     torch.testing.assert_close(linear.dequantized_rows(ids), qformat.dequantize(layer)[ids], rtol=1e-6, atol=1e-7)
 
