@@ -77,6 +77,24 @@ def test_quantized_model_generates_chats_and_streams(quantized_llama):
     assert "".join(stream) == reply.text and stream.completion.finish_reason == reply.finish_reason
 
 
+def test_tied_model_stores_its_vocabulary_once_and_decodes_fused(float_dirs, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "qwen2-tied"
+    convert(ConvertOptions(str(float_dirs["qwen2"]), str(out), bits=6.0, group_size=32), progress=False)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert "lm_head.qweight" in f.keys() and "model.embed_tokens.weight" not in f.keys()
+    model = trimtab.load(out)
+    transformer = model.transformer
+    assert transformer.embed_tokens is None and transformer.fused_decoder is not None
+    ids = torch.tensor(IDS)
+    assert torch.equal(transformer.embed(ids.view(1, -1))[0], transformer.lm_head.dequantized_rows(ids))
+    fused = model.generate("w5 w6 w7", temperature=0, max_new_tokens=12, ban_eos_token=True)
+    transformer.fused_decoder = None  # the op-by-op path over the same packed layers
+    op_by_op = model.generate("w5 w6 w7", temperature=0, max_new_tokens=12, ban_eos_token=True)
+    assert fused.text == op_by_op.text and fused.usage.completion_tokens == 12
+
+
 def test_gguf_input_with_tied_head(tmp_path):
     from test_gguf import make_tiny_model
 

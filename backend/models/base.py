@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from trimtab.backend import ops
 from trimtab.backend.errors import ModelFileError, TrimtabError, UnsupportedModelError
+from trimtab.backend.fused_decode import FusedDecoder
 from trimtab.backend.kv_cache import KVCache
 from trimtab.backend.quant import format as quant_format
 from trimtab.backend.quant.kernels import PackedLinear
@@ -122,19 +123,19 @@ class WeightReader:
         return self.tensor(name) if name in self.weights else None
 
     def has_linear(self, prefix: str) -> bool:
-        return prefix + ".weight" in self.weights or self._is_quantized(prefix)
+        return prefix + ".weight" in self.weights or self.is_quantized(prefix)
 
     def linear(self, prefix: str, bias: bool, shape: tuple[int, int]) -> Linear | PackedLinear:
         """The linear layer `prefix` with weight [out, in] = shape (and bias [out])."""
         b = self.tensor(prefix + ".bias", shape[:1]) if bias else None
-        if self._is_quantized(prefix):
+        if self.is_quantized(prefix):
             return PackedLinear.from_canonical(self._quantized(prefix, shape), b, self.device, self.dtype)
         if prefix + ".weight" not in self.weights:
             raise UnsupportedModelError(
                 f"the checkpoint has no tensor '{prefix}.weight' nor a quantized '{prefix}.qweight'")
         return Linear(self.tensor(prefix + ".weight", shape), b)
 
-    def _is_quantized(self, prefix: str) -> bool:
+    def is_quantized(self, prefix: str) -> bool:
         return any(f"{prefix}.{part}" in self.weights for part in quant_format.PARTS)
 
     def _quantized(self, prefix: str, shape: tuple[int, int]) -> quant_format.QuantizedLinear:
@@ -244,16 +245,35 @@ class Transformer:
         self.device = torch.device(device)
         w = WeightReader(weights, dtype, self.device)
         V, D = args.vocab_size, args.hidden_size
-        head_is_embedding = args.tie_word_embeddings or not w.has_linear("lm_head")
-        # one row is read per token, so the embedding stays as stored unless the head multiplies by it
-        self.embed_tokens = w.tensor("model.embed_tokens.weight", (V, D), convert=head_is_embedding)  # [V, D]
+        self.embed_tokens, self.lm_head = self._embedding_and_head(args, w)
         self.layers = [DecoderLayer(args, w, i, self.mlp_factory) for i in range(args.num_hidden_layers)]
         self.norm = RMSNorm(w.tensor("model.norm.weight"), args.rms_norm_eps)
-        self.lm_head = Linear(self.embed_tokens) if head_is_embedding else w.linear("lm_head", False, (V, D))
-        w.used.add("lm_head.weight")  # with tied embeddings, a checkpoint's copy of the embedding
         self.rope = rope_spec(args.rope_theta, args.rotary_dim, args.rope_scaling)
         self.rope = type(self.rope)(self.rope.inv_freq.to(self.device), self.rope.attention_scaling)
         self.unused_weights = w.unused()
+        # batch-1 CPU decode of a fully quantized model: one C++ call per token (None if not eligible)
+        self.fused_decoder = FusedDecoder.build(self)
+
+    @staticmethod
+    def _embedding_and_head(args: ModelArgs, w: WeightReader):
+        """→ (embedding [V, D] or None, head). Three layouts:
+        - a quantized head and no stored embedding (`trimtab convert` of a tied model): the head's
+          dequantized rows are the embedding, so the vocabulary is stored once, quantized;
+        - tied, or no head in the checkpoint: the embedding, in the compute dtype, is the head;
+        - otherwise both as stored (the embedding keeps its dtype: one row is read per token)."""
+        V, D = args.vocab_size, args.hidden_size
+        w.used.add("lm_head.weight")  # with tied embeddings, a checkpoint's copy of the embedding
+        if w.is_quantized("lm_head") and "model.embed_tokens.weight" not in w.weights:
+            return None, w.linear("lm_head", False, (V, D))
+        head_is_embedding = args.tie_word_embeddings or not w.has_linear("lm_head")
+        embedding = w.tensor("model.embed_tokens.weight", (V, D), convert=head_is_embedding)  # [V, D]
+        return embedding, Linear(embedding) if head_is_embedding else w.linear("lm_head", False, (V, D))
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, S] int64 → [B, S, D] in the compute dtype."""
+        if self.embed_tokens is None:
+            return self.lm_head.dequantized_rows(tokens.reshape(-1)).view(*tokens.shape, -1).to(self.dtype)
+        return F.embedding(tokens, self.embed_tokens).to(self.dtype)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return KVCache(num_layers=len(self.layers), batch_size=batch_size,
@@ -263,11 +283,15 @@ class Transformer:
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, *, last_only: bool = False) -> torch.Tensor:
         """tokens: [B, S] int64 → logits float32 [B, S, V] (or [B, 1, V] with last_only)."""
+        if self.fused_decoder is not None and tokens.shape == (1, 1):
+            logits = self.fused_decoder.step(int(tokens[0, 0]), cache)  # [V]
+            cache.advance(1)
+            return logits.view(1, 1, -1)
         S = tokens.shape[1]
         positions = cache.positions(S)  # [B, S]
         windows = {layer.sliding_window for layer in self.layers}
         masks = {window: cache.attention_mask(S, window) for window in windows}
-        x = F.embedding(tokens, self.embed_tokens).to(self.dtype)  # [B, S, D]
+        x = self.embed(tokens)  # [B, S, D]
         for layer in self.layers:
             x = layer(x, positions, self.rope, cache, masks)
         cache.advance(S)

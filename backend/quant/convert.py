@@ -13,9 +13,11 @@ The output dir is also the work dir (output.py): it records the job, so that a l
 method can keep its measurements and finished layers there and resume.
 
 What is quantized: every 2-D `.weight` of the decoder except a mixture-of-experts router (tiny, and
-routing decisions are sensitive), each Mixtral expert's linears separately, and the output head
-(for tied embeddings, a copy of the embedding matrix quantized as `lm_head`). The embedding itself
-is stored as float16 (one row is read per token); norms, biases and routers stay as they were.
+routing decisions are sensitive), each Mixtral expert's linears separately, and the output head.
+With tied embeddings the embedding matrix is stored once, as the quantized `lm_head`, and the loader
+reads embedding rows from it (llama.cpp does the same with a tied GGUF's token_embd); an untied
+model's embedding is stored as float16 (one row is read per token). Norms, biases and routers stay
+as they were.
 """
 from __future__ import annotations
 
@@ -119,7 +121,7 @@ def convert(options: ConvertOptions, *, progress: bool = True) -> ConvertResult:
                           force=options.force, shard_bytes=options.shard_mb * MB)
     bits = quantize(source, plans, out, options.method, progress=progress)
     decoder_bpw = bits["decoder"][0] / bits["decoder"][1]
-    config = dict(source.config, tie_word_embeddings=False, quantization_config=qconfig.make(
+    config = dict(source.config, tie_word_embeddings=plans[-1].source == EMBEDDING, quantization_config=qconfig.make(
         method=options.method, bits=options.bits, bits_per_weight=decoder_bpw, head_bits=options.head_bits,
         group_size=options.group_size))
     files = out.finish(config, source.write_tokenizer)
@@ -214,10 +216,11 @@ def quantize(source: Source, plans: list[LayerPlan], out: OutputDir, method: str
         totals = bits["head" if p.is_head else "decoder"]
         totals[0] += layer.bits()
         totals[1] += layer.in_features * layer.out_features
-    embedding = weights[EMBEDDING].to(torch.float16)
-    if not torch.isfinite(embedding).all():
-        raise TrimtabError(f"{source.path}: {EMBEDDING} holds values beyond float16's range")
-    out.add_tensors({EMBEDDING: embedding})
-    done.add(EMBEDDING)
+    if EMBEDDING not in done:  # untied: the embedding is not the head
+        embedding = weights[EMBEDDING].to(torch.float16)
+        if not torch.isfinite(embedding).all():
+            raise TrimtabError(f"{source.path}: {EMBEDDING} holds values beyond float16's range")
+        out.add_tensors({EMBEDDING: embedding})
+        done.add(EMBEDDING)
     out.add_tensors({name: weights[name] for name in weights if name not in done})
     return bits
