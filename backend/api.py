@@ -17,6 +17,7 @@ from trimtab.backend.models import architecture_for, model_args
 from trimtab.backend.models.base import Transformer
 from trimtab.backend.quant import qconfig
 from trimtab.backend.guard import ModelTraits, resolve_settings
+from trimtab.backend.tensor_parallel import SINGLE, TensorParallel
 from trimtab.backend.tokenizer import Tokenizer
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -56,6 +57,10 @@ class Model:
     @property
     def context_length(self) -> int:
         return self.transformer.args.max_position_embeddings
+
+    @property
+    def vocab_size(self) -> int:
+        return self.transformer.args.vocab_size
 
     # -- generation -------------------------------------------------------------------------
     # Settings: `preset` (a vetted preset's name, a webui preset file, or a dict; default
@@ -160,17 +165,21 @@ def _read_source(path: Path):
     raise ModelFileError(path, "not a model directory (config.json + safetensors) or a GGUF file")
 
 
-def load(path: str | os.PathLike | None = None, *, device: str = "cpu") -> Model:
+def load(path: str | os.PathLike | None = None, *, device: str = "cpu", tensor_parallel: int | None = None) -> Model:
     """Load a Hugging Face model dir, a trimtab-quantized dir (`trimtab convert`), a .gguf file, or
-    (None / "default") the embedded default model."""
+    (None / "default") the embedded default model.
+
+    tensor_parallel=N: this process is one of N started by torchrun and holds its share of every
+    layer (backend/tensor_parallel.py); every rank runs the same calls and gets the same results."""
     device = resolve_device(device)
+    tp = SINGLE if tensor_parallel is None else TensorParallel.from_environment(device, tensor_parallel)
     source = default_model_path() if path in (None, "default") else Path(path).expanduser()
     config, weights, tokenizer = _read_source(source)
     try:
         arch = architecture_for(config)
         args = model_args(arch, config)
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-        transformer = arch.Model(args, arch.sanitize(weights), dtype=dtype, device=device)
+        transformer = arch.Model(args, arch.sanitize(weights), dtype=dtype, device=device, tp=tp)
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"{source}: {e}") from None
     name = "default" if path in (None, "default") else str(source)

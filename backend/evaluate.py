@@ -9,6 +9,9 @@ is dropped, so every figure comes from full windows); each window is scored on i
 empty cache. Perplexity is exp of the mean negative log-likelihood of every token after a window's
 first. KL divergence is KL(reference ‖ model) of the next-token distributions, in nats, averaged over
 every position of every window, along with how often both models rank the same token first.
+
+A "model" here is anything with `name`, `context_length`, `vocab_size` and `logits(ids) → [len(ids), V]`
+float32: a trimtab Model, or another engine's adapter (bench/llamacpp_models.py).
 """
 from __future__ import annotations
 
@@ -65,9 +68,9 @@ def perplexity(model, ids: list[int], ctx: int = 512, *, progress: bool = True) 
 
 
 def kl_divergence(model, reference, ids: list[int], ctx: int = 512, *, progress: bool = True) -> KLDivergence:
-    if model.transformer.args.vocab_size != reference.transformer.args.vocab_size:
+    if model.vocab_size != reference.vocab_size:
         raise TrimtabError(f"{model.name} and {reference.name} have different vocabularies "
-                           f"({model.transformer.args.vocab_size} and {reference.transformer.args.vocab_size} tokens)")
+                           f"({model.vocab_size} and {reference.vocab_size} tokens)")
     total, agree, count = 0.0, 0, 0
     for window, logits in _window_logits(model, ids, ctx, progress, "KL divergence"):
         ref_logits = reference.logits(window)                                        # [ctx, V]

@@ -24,6 +24,8 @@ LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_pr
 
 def why_not(model) -> str | None:
     """Why `model` cannot use the fused decoder, or None if it can."""
+    if model.tp.active:
+        return "tensor parallel: the blocks' all-reduces run between the ops"
     if model.device.type != "cpu" or model.dtype != torch.float32:
         return f"runs on {model.device} in {model.dtype}; the fused decoder is CPU float32"
     if not isinstance(model.lm_head, CpuPackedLinear):

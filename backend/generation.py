@@ -128,11 +128,13 @@ class Generation:
         history = torch.cat([history, torch.zeros(len(self.prompts), self.max_new_tokens, dtype=torch.int64)], 1)
         mask = torch.arange(history.shape[1])[None, :] >= pad[:, None]   # [B, S + max_new]
         for step in range(self.max_new_tokens):
-            if self.cancel.is_set():
-                return
             length = longest + step
             tokens = sampler(logits, history[:, :length].to(model.device), mask[:, :length].to(model.device),
                              allow_eos=step >= settings.min_new_tokens).cpu()
+            # under tensor parallelism every rank takes rank 0's tokens and cancel decision
+            tokens, cancelled = model.tp.agree(tokens, self.cancel.is_set())
+            if cancelled:
+                return
             history[:, length] = tokens
             yield tokens.tolist()
             if all(reply.finish is not None for reply in self._replies) or step == self.max_new_tokens - 1:

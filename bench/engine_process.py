@@ -60,13 +60,13 @@ def _median(values: list):
 
 
 class LlamaCppEngine:
-    """llama.cpp (llama-cpp-python) on the embedded default model's own Q4_1 GGUF, greedy."""
+    """llama.cpp (llama-cpp-python) on a GGUF (by default the embedded default model's own Q4_1), greedy."""
     name = "llama.cpp (llama-cpp-python), the Q4_1 GGUF"
 
-    def __init__(self, threads: int, context: int, batch: int = 512):
+    def __init__(self, threads: int, context: int, batch: int = 512, path=None):
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=str(default_model_path()), n_threads=threads, n_threads_batch=threads,
+        self.llm = Llama(model_path=str(path or default_model_path()), n_threads=threads, n_threads_batch=threads,
                          n_ctx=context, n_batch=batch, verbose=False)
 
     def prefill(self, ids: list[int]) -> None:

@@ -185,7 +185,8 @@ inline __m256i broadcast_quad(const int8_t* x) {
 // for widths <= 6, and two of them added (32004) before madd widens to int32. 8-bit q is
 // stored as q - 128 (signed); its magnitude (<= 128) goes unsigned and its sign onto x
 // (sign_epi8), so a pair is at most 2 * 128 * 127 = 32512; the caller adds 128 * sum(x).
-// Each block's int32 sums are scaled by that block's x scale into fp32.
+// Each block's int32 sums are scaled by that block's x scale into fp32. With VNNI one
+// vpdpbusd per quad replaces maddubs + madd: the same exact integer sums, so the same results.
 template <int Bits, int Rows>
 TRIMTAB_ALWAYS_INLINE void int8_group_dot(const uint8_t* block, int64_t blocks, const int8_t* const* x,
                                           const float* const* x_scales, __m256* dots) {
@@ -201,6 +202,11 @@ TRIMTAB_ALWAYS_INLINE void int8_group_dot(const uint8_t* block, int64_t blocks, 
       for (int r = 0; r < Rows; ++r) {
         __m256i xv = broadcast_quad(x[r] + b * kBlockRows + 4 * J);
         if constexpr (Bits == 8) xv = _mm256_sign_epi8(xv, q);
+#ifdef TRIMTAB_VNNI
+        sums[r] = dot_u8_s8_accumulate(J == 0 ? _mm256_setzero_si256() : sums[r], magnitude, xv);
+        (void)pending;
+        (void)ones;
+#else
         const __m256i pairs = _mm256_maddubs_epi16(magnitude, xv);
         if constexpr (Bits == 8) {
           const __m256i quads = _mm256_madd_epi16(pairs, ones);
@@ -211,6 +217,7 @@ TRIMTAB_ALWAYS_INLINE void int8_group_dot(const uint8_t* block, int64_t blocks, 
           const __m256i octets = _mm256_madd_epi16(_mm256_add_epi16(pending[r], pairs), ones);
           sums[r] = J == 1 ? octets : _mm256_add_epi32(sums[r], octets);
         }
+#endif
       }
     });
     for (int r = 0; r < Rows; ++r) {

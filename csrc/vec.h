@@ -13,6 +13,12 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define TRIMTAB_AVX2 1
 #include <immintrin.h>
+// VNNI: AVX512-VNNI (with AVX512-VL for 256-bit registers) or AVX-VNNI. One instruction
+// (vpdpbusd) multiplies unsigned by signed bytes and adds each four products into an int32
+// lane, where AVX2 needs maddubs (into int16) then madd (into int32).
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#define TRIMTAB_VNNI 1
+#endif
 #endif
 
 namespace trimtab::cpu {
@@ -31,6 +37,17 @@ inline T from_float(float v) { return static_cast<T>(v); }
 // inside an HF module before the next float32 operation.
 template <typename T>
 inline float round_to(float v) { return to_float(from_float<T>(v)); }
+
+#ifdef TRIMTAB_VNNI
+// acc + Σ over each 4 bytes of u (unsigned) × s (signed), per int32 lane; exact (no saturation).
+inline __m256i dot_u8_s8_accumulate(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#endif
+}
+#endif
 
 #ifdef TRIMTAB_AVX2
 

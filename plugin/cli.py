@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from trimtab.backend.errors import TrimtabError
@@ -19,6 +20,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default="default",
                    help="HF model dir, .gguf file, or 'default' (embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+
+
+def add_tensor_parallel_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel", type=int, metavar="N",
+                   help="split every layer across N processes started by `torchrun --nproc-per-node N` "
+                        "(NCCL on GPUs, gloo on the CPU); rank 0 prints")
 
 
 SAMPLING_OPTIONS = {  # option → (type, help); each maps to the webui setting of the same name
@@ -69,7 +76,13 @@ def report_overrides(overrides) -> None:
 def load_model(args: argparse.Namespace):
     from trimtab.backend.api import load
 
-    return load(args.model, device=args.device)
+    parallel = getattr(args, "tensor_parallel", None)
+    if parallel is not None and parallel < 1:
+        raise TrimtabError(f"--tensor-parallel takes a number of processes (1 or more), got {parallel}")
+    model = load(args.model, device=args.device, tensor_parallel=parallel)
+    if model.transformer.tp.rank != 0:  # every rank computes; one prints
+        sys.stdout = open(os.devnull, "w")
+    return model
 
 
 def print_stream(stream) -> str:
@@ -93,6 +106,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if args.message is None and args.tensor_parallel:
+        raise TrimtabError("an interactive chat cannot run under --tensor-parallel (every rank would need your "
+                           "input); pass the message as an argument")
     model = load_model(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     settings = sampling_settings(args)
@@ -151,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("generate", help="continue a text prompt")
     p.add_argument("prompt", help="the text to continue")
     add_model_options(p)
+    add_tensor_parallel_option(p)
     add_sampling_options(p)
     p.set_defaults(run=cmd_generate)
 
@@ -158,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("message", nargs="?", help="answer this one message and exit (omit for an interactive chat)")
     p.add_argument("--system", help="a system prompt")
     add_model_options(p)
+    add_tensor_parallel_option(p)
     add_sampling_options(p)
     p.set_defaults(run=cmd_chat)
 

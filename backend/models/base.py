@@ -18,8 +18,10 @@ from trimtab.backend.errors import ModelFileError, TrimtabError, UnsupportedMode
 from trimtab.backend.fused_decode import FusedDecoder
 from trimtab.backend.kv_cache import KVCache
 from trimtab.backend.quant import format as quant_format
+from trimtab.backend.quant import shard
 from trimtab.backend.quant.kernels import PackedLinear
 from trimtab.backend.rope import rope_spec
+from trimtab.backend.tensor_parallel import SINGLE, TensorParallel
 
 MAX_LAYERS = 1024
 
@@ -101,12 +103,16 @@ class WeightReader:
     """Takes tensors by name, converted to the compute dtype, and reports the ones never used.
 
     `linear` is the one place a layer becomes float or quantized: a checkpoint that holds the layer
-    in trimtab's quantized format (backend/quant/format.py) gets a PackedLinear, else a Linear."""
+    in trimtab's quantized format (backend/quant/format.py) gets a PackedLinear, else a Linear.
+    Under tensor parallelism it is also where a layer is cut to this rank's share (`columns`: output
+    features [start, end), column-parallel; `rows`: input features [start, end), row-parallel)."""
 
-    def __init__(self, weights: Mapping[str, torch.Tensor], dtype: torch.dtype, device):
+    def __init__(self, weights: Mapping[str, torch.Tensor], dtype: torch.dtype, device,
+                 tp: TensorParallel = SINGLE):
         self.weights = weights
         self.dtype = dtype
         self.device = device
+        self.tp = tp
         self.used: set[str] = set()
 
     def tensor(self, name: str, shape: tuple[int, ...] | None = None, *, convert: bool = True) -> torch.Tensor:
@@ -125,15 +131,33 @@ class WeightReader:
     def has_linear(self, prefix: str) -> bool:
         return prefix + ".weight" in self.weights or self.is_quantized(prefix)
 
-    def linear(self, prefix: str, bias: bool, shape: tuple[int, int]) -> Linear | PackedLinear:
-        """The linear layer `prefix` with weight [out, in] = shape (and bias [out])."""
+    def linear(self, prefix: str, bias: bool, shape: tuple[int, int], *, columns: tuple[int, int] | None = None,
+               rows: tuple[int, int] | None = None) -> Linear | PackedLinear:
+        """The linear layer `prefix` with weight [out, in] = shape (and bias [out]), or this rank's share
+        of it: W[columns[0]:columns[1], :] or W[:, rows[0]:rows[1]] (the bias then on the first share only)."""
+        columns = None if columns in (None, (0, shape[0])) else columns
+        rows = None if rows in (None, (0, shape[1])) else rows
         b = self.tensor(prefix + ".bias", shape[:1]) if bias else None
+        if b is not None and columns is not None:
+            b = b[columns[0]:columns[1]].contiguous()
+        if b is not None and rows is not None and rows[0] > 0:
+            b = None  # a row-parallel layer's shares are summed: one of them adds the bias
         if self.is_quantized(prefix):
-            return PackedLinear.from_canonical(self._quantized(prefix, shape), b, self.device, self.dtype)
+            layer = self._quantized(prefix, shape)
+            if columns is not None:
+                layer = shard.output_columns(layer, *columns)
+            if rows is not None:
+                layer = shard.input_rows(layer, *rows)
+            return PackedLinear.from_canonical(layer, b, self.device, self.dtype)
         if prefix + ".weight" not in self.weights:
             raise UnsupportedModelError(
                 f"the checkpoint has no tensor '{prefix}.weight' nor a quantized '{prefix}.qweight'")
-        return Linear(self.tensor(prefix + ".weight", shape), b)
+        weight = self.tensor(prefix + ".weight", shape, convert=False)                     # [out, in]
+        if columns is not None:
+            weight = weight[columns[0]:columns[1]]
+        if rows is not None:
+            weight = weight[:, rows[0]:rows[1]]
+        return Linear(weight.to(dtype=self.dtype).contiguous(), b)
 
     def is_quantized(self, prefix: str) -> bool:
         return any(f"{prefix}.{part}" in self.weights for part in quant_format.PARTS)
@@ -175,15 +199,20 @@ class RMSNorm:
 class Attention:
     def __init__(self, args: ModelArgs, w: WeightReader, prefix: str):
         qkv_bias = args.attention_bias or args.qkv_bias_only
-        D = args.hidden_size
-        q_dim, kv_dim = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
-        self.q_proj = w.linear(prefix + ".q_proj", qkv_bias, (q_dim, D))
-        self.k_proj = w.linear(prefix + ".k_proj", qkv_bias, (kv_dim, D))
-        self.v_proj = w.linear(prefix + ".v_proj", qkv_bias, (kv_dim, D))
-        self.o_proj = w.linear(prefix + ".o_proj", args.attention_bias, (D, q_dim))
-        self.num_heads = args.num_attention_heads
-        self.num_kv_heads = args.num_key_value_heads
-        self.head_dim = args.head_dim
+        D, hd = args.hidden_size, args.head_dim
+        q_dim, kv_dim = args.num_attention_heads * hd, args.num_key_value_heads * hd
+        # this rank's KV heads and the query heads that share them (all of them on one rank)
+        w.tp.check_divides(args.num_key_value_heads, "num_key_value_heads")
+        kv_start, kv_end = w.tp.share(args.num_key_value_heads)
+        per_kv = args.num_attention_heads // args.num_key_value_heads
+        q_share, kv_share = (kv_start * per_kv * hd, kv_end * per_kv * hd), (kv_start * hd, kv_end * hd)
+        self.q_proj = w.linear(prefix + ".q_proj", qkv_bias, (q_dim, D), columns=q_share)
+        self.k_proj = w.linear(prefix + ".k_proj", qkv_bias, (kv_dim, D), columns=kv_share)
+        self.v_proj = w.linear(prefix + ".v_proj", qkv_bias, (kv_dim, D), columns=kv_share)
+        self.o_proj = w.linear(prefix + ".o_proj", args.attention_bias, (D, q_dim), rows=q_share)
+        self.num_kv_heads = kv_end - kv_start
+        self.num_heads = self.num_kv_heads * per_kv
+        self.head_dim = hd
 
     def __call__(self, x, positions, rope, cache: KVCache, layer: int, mask):
         # x: [B, S, D]; positions: [B, S]; mask: bool [B, 1, S, T]
@@ -204,9 +233,10 @@ class GatedMLP:
 
     def __init__(self, args: ModelArgs, w: WeightReader, prefix: str):
         D, I = args.hidden_size, args.intermediate_size
-        self.gate_proj = w.linear(prefix + ".gate_proj", args.mlp_bias, (I, D))
-        self.up_proj = w.linear(prefix + ".up_proj", args.mlp_bias, (I, D))
-        self.down_proj = w.linear(prefix + ".down_proj", args.mlp_bias, (D, I))
+        share = w.tp.share(I)  # this rank's intermediate rows
+        self.gate_proj = w.linear(prefix + ".gate_proj", args.mlp_bias, (I, D), columns=share)
+        self.up_proj = w.linear(prefix + ".up_proj", args.mlp_bias, (I, D), columns=share)
+        self.down_proj = w.linear(prefix + ".down_proj", args.mlp_bias, (D, I), rows=share)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -222,11 +252,13 @@ class DecoderLayer:
             w.tensor(prefix + ".post_attention_layernorm.weight"), args.rms_norm_eps)
         self.mlp = mlp_factory(args, w, prefix)
         self.sliding_window = args.layer_sliding_window(index)
+        self.tp = w.tp
 
     def __call__(self, x, positions, rope, cache, masks):
-        h = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, self.index,
-                               masks[self.sliding_window])
-        return h + self.mlp(self.post_attention_layernorm(h))
+        # under tensor parallelism each block's output is this rank's share: one all-reduce sums them
+        h = x + self.tp.all_reduce(self.self_attn(self.input_layernorm(x), positions, rope, cache, self.index,
+                                                  masks[self.sliding_window]))
+        return h + self.tp.all_reduce(self.mlp(self.post_attention_layernorm(h)))
 
 
 def gated_mlp(args: ModelArgs, w: WeightReader, layer_prefix: str):
@@ -239,12 +271,12 @@ class Transformer:
     mlp_factory = staticmethod(gated_mlp)
 
     def __init__(self, args: ModelArgs, weights: Mapping[str, torch.Tensor], *,
-                 dtype: torch.dtype = torch.float32, device="cpu"):
+                 dtype: torch.dtype = torch.float32, device="cpu", tp: TensorParallel = SINGLE):
         self.args = args
         self.dtype = dtype
         self.device = torch.device(device)
-        w = WeightReader(weights, dtype, self.device)
-        V, D = args.vocab_size, args.hidden_size
+        self.tp = tp
+        w = WeightReader(weights, dtype, self.device, tp)
         self.embed_tokens, self.lm_head = self._embedding_and_head(args, w)
         self.layers = [DecoderLayer(args, w, i, self.mlp_factory) for i in range(args.num_hidden_layers)]
         self.norm = RMSNorm(w.tensor("model.norm.weight"), args.rms_norm_eps)
@@ -277,7 +309,7 @@ class Transformer:
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return KVCache(num_layers=len(self.layers), batch_size=batch_size,
-                       num_kv_heads=self.args.num_key_value_heads, head_dim=self.args.head_dim,
+                       num_kv_heads=self.layers[0].self_attn.num_kv_heads, head_dim=self.args.head_dim,
                        max_len=max_len, dtype=self.dtype, device=self.device)
 
     @torch.inference_mode()

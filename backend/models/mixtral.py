@@ -53,10 +53,11 @@ class SparseMoE:
         self.top_k = args.num_experts_per_tok
         D, I, E = args.hidden_size, args.intermediate_size, args.num_local_experts
         self.router = w.linear(prefix + ".gate", False, (E, D))
+        share = w.tp.share(I)  # tensor parallel: this rank's intermediate rows of every expert
         self.experts = [
-            (w.linear(f"{prefix}.experts.{e}.w1", False, (I, D)),   # gate
-             w.linear(f"{prefix}.experts.{e}.w3", False, (I, D)),   # up
-             w.linear(f"{prefix}.experts.{e}.w2", False, (D, I)))   # down
+            (w.linear(f"{prefix}.experts.{e}.w1", False, (I, D), columns=share),   # gate
+             w.linear(f"{prefix}.experts.{e}.w3", False, (I, D), columns=share),   # up
+             w.linear(f"{prefix}.experts.{e}.w2", False, (D, I), rows=share))      # down
             for e in range(E)
         ]
 
