@@ -31,6 +31,9 @@ class PackedLinear(ABC):
                        dtype: torch.dtype = torch.float32) -> "PackedLinear":
         if torch.device(device).type == "cpu":
             return CpuPackedLinear(layer, bias, dtype)
+        if torch.device(device).type == "cuda":  # the CUDA kernels (imported here: that module builds on this one)
+            from trimtab.backend.quant.cuda_linear import CudaPackedLinear
+            return CudaPackedLinear(layer, bias, device, dtype)
         return DequantizedLinear(layer, bias, device, dtype)
 
     @abstractmethod

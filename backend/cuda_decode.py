@@ -1,0 +1,183 @@
+"""Batch-1 decode on a CUDA GPU as one CUDA graph per token, over the model's own static KV cache.
+
+    decoder = CudaGraphDecoder(model)          # model: a Transformer on a CUDA device (any linear kinds)
+    logits = decoder.prefill(tokens, cache)    # tokens [1, S] int64: chunked prefill → [V] float32 (last token)
+    logits = decoder.step(token, cache)        # one token: fills slot cache.length, advances the cache → [V]
+
+A decode step launches about 25 kernels per layer (RMSNorm, the q/k/v/o and MLP GEMVs, rotary, the
+KV write, SDPA); launched one by one from Python that costs more host time than the GPU needs for
+the weights (docs/CUDA.md), so the whole step is captured once into a CUDA graph and replayed per
+token. The graph reads the token and the position from device tensors written before each replay,
+attends over the whole static cache under a mask built from the position, and writes the logits
+into a static tensor (valid until the next step). A new cache object is captured anew. Batch 1,
+full or sliding-window attention, HF (non-interleaved) rotary.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from trimtab.backend import ops
+from trimtab.backend.errors import TrimtabError
+from trimtab.backend.kv_cache import KVCache
+
+
+class CudaGraphDecoder:
+    def __init__(self, model, prefill_chunk: int = 2048):
+        if model.device.type != "cuda":
+            raise TrimtabError(f"the CUDA graph decoder needs a model on a CUDA device, not {model.device}")
+        if getattr(model.layers[0], "mlp", None) is None or not hasattr(model.layers[0].mlp, "gate_proj"):
+            raise TrimtabError("the CUDA graph decoder runs gated-MLP models (no mixture of experts)")
+        self.model = model
+        self.prefill_chunk = prefill_chunk
+        self.cache: KVCache | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """tokens: [1, S] → logits [V] float32 of the last token; the cache holds all S. In chunks of
+        `prefill_chunk` tokens; the first chunk of an empty cache runs causal flash attention."""
+        if cache.batch_size != 1 or int(cache.pad[0]) != 0:
+            raise TrimtabError("the CUDA graph decoder prefills batch 1 without padding")
+        tokens = tokens.to(self.model.device)
+        for start in range(0, tokens.shape[1], self.prefill_chunk):
+            x = self._prefill_chunk(tokens[:, start:start + self.prefill_chunk], cache)
+        m = self.model
+        return m.lm_head(m.norm(x[:, -1:])).float().view(-1)
+
+    def _prefill_chunk(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        # tokens: [1, S] → hidden states [1, S, D]; writes slots [cache.length, cache.length + S)
+        m = self.model
+        S, begin = tokens.shape[1], cache.length
+        cache.slots(S)  # raises if the cache is full
+        positions = torch.arange(begin, begin + S, device=m.device)
+        rotary = _Rotary(m.rope, m.args.rotary_dim, m.args.head_dim, positions)
+        x = m.embed(tokens)                                                 # [1, S, D]
+        for layer in m.layers:
+            attn = layer.self_attn
+            h = _rms_norm(x, layer.input_layernorm)
+            q = rotary(attn.q_proj(h).view(1, S, attn.num_heads, attn.head_dim)).transpose(1, 2)
+            k = rotary(attn.k_proj(h).view(1, S, attn.num_kv_heads, attn.head_dim)).transpose(1, 2)
+            v = attn.v_proj(h).view(1, S, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+            keys, values = cache.keys[layer.index], cache.values[layer.index]   # [1, H_kv, T, hd]
+            keys[:, :, begin:begin + S] = k
+            values[:, :, begin:begin + S] = v
+            groups = attn.num_heads // attn.num_kv_heads
+            if begin == 0 and layer.sliding_window is None:  # causal over the chunk alone: flash attention
+                k_all, v_all, mask, causal = k, v, None, True
+            else:
+                k_all, v_all = keys[:, :, :begin + S], values[:, :, :begin + S]
+                slot = torch.arange(begin + S, device=m.device)
+                mask = slot[None, :] <= positions[:, None]                    # [S, T]
+                if layer.sliding_window is not None:
+                    mask &= positions[:, None] - slot[None, :] < layer.sliding_window
+                mask, causal = mask[None, None], False
+            out = F.scaled_dot_product_attention(q, k_all.repeat_interleave(groups, 1),
+                                                 v_all.repeat_interleave(groups, 1), attn_mask=mask, is_causal=causal)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(1, S, attn.num_heads * attn.head_dim))
+            h = _rms_norm(x, layer.post_attention_layernorm)
+            mlp = layer.mlp
+            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+        cache.advance(S)
+        return x
+
+    @torch.inference_mode()
+    def step(self, token: int | torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Decode one token (an int, or a device tensor holding it) into slot cache.length → logits [V]."""
+        if cache.batch_size != 1:
+            raise TrimtabError(f"the CUDA graph decoder runs batch 1, got a cache of batch {cache.batch_size}")
+        cache.slots(1)  # raises if the cache is full
+        if cache is not self.cache:
+            self._capture(cache)
+        if isinstance(token, torch.Tensor):
+            self.token.copy_(token.view(1, 1))
+        else:
+            self.token.fill_(int(token))
+        self.position.fill_(cache.length)
+        self.graph.replay()
+        cache.advance(1)
+        return self.logits
+
+    def _capture(self, cache: KVCache) -> None:
+        device = self.model.device
+        self.cache, self.graph = None, None
+        self.token = torch.zeros(1, 1, dtype=torch.int64, device=device)
+        self.position = torch.zeros(1, dtype=torch.int64, device=device)
+        self.slots = torch.arange(cache.max_len, device=device)   # [T]
+        # warm-up and capture write keys/values of a dummy token into slot cache.length, which the
+        # next real step rewrites before anything attends to it
+        self.position.fill_(cache.length)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):  # warm-up off the default stream, as capture needs
+            for _ in range(2):
+                self._step_ops(cache)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._step_ops(cache)
+        self.graph, self.cache = graph, cache
+
+    def _step_ops(self, cache: KVCache) -> torch.Tensor:
+        """One decode step as device ops only (no host syncs): captured into the graph."""
+        m = self.model
+        args = m.args
+        x = m.embed(self.token)                                             # [1, 1, D]
+        rotary = _Rotary(m.rope, args.rotary_dim, args.head_dim, self.position)
+        masks = {}
+        for layer in m.layers:
+            window = layer.sliding_window
+            if window not in masks:
+                masks[window] = self._mask(cache, window)                   # [1, 1, 1, T] bool
+            x = x + self._attention(layer, _rms_norm(x, layer.input_layernorm), rotary, cache, masks[window])
+            h = _rms_norm(x, layer.post_attention_layernorm)
+            mlp = layer.mlp
+            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+        return m.lm_head(_rms_norm(x, m.norm)).float().view(-1)             # [V]
+
+    def _mask(self, cache: KVCache, window: int | None) -> torch.Tensor:
+        allowed = (self.slots <= self.position) & (self.slots >= cache.pad[0])
+        if window is not None:
+            allowed &= self.position - self.slots < window
+        return allowed.view(1, 1, 1, -1)
+
+    def _attention(self, layer, h, rotary, cache: KVCache, mask) -> torch.Tensor:
+        attn = layer.self_attn
+        q = attn.q_proj(h).view(1, 1, attn.num_heads, attn.head_dim)
+        k = attn.k_proj(h).view(1, 1, attn.num_kv_heads, attn.head_dim)
+        v = attn.v_proj(h).view(1, 1, attn.num_kv_heads, attn.head_dim)
+        q, k = rotary(q), rotary(k)
+        keys, values = cache.keys[layer.index], cache.values[layer.index]  # [1, H_kv, T, hd]
+        keys.index_copy_(2, self.position, k.transpose(1, 2))
+        values.index_copy_(2, self.position, v.transpose(1, 2))
+        # the query heads of one key/value head as that head's rows of queries: [1, H_kv, H / H_kv, hd],
+        # so SDPA needs no GQA expansion and takes its memory-efficient kernel with the mask
+        q = q.view(1, attn.num_kv_heads, attn.num_heads // attn.num_kv_heads, attn.head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return attn.o_proj(out.reshape(1, 1, attn.num_heads * attn.head_dim))
+
+
+def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """HF RMSNorm (float32 statistics, rounded to x's dtype, times the weight) in 3 kernels."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).to(x.dtype) * norm.weight
+
+
+class _Rotary:
+    """HF rotary at device-side positions [S]: x·cos + rotate_half(x)·sin, with rotate_half(x)·sin
+    computed as roll(x)·[-sin, sin] (3 kernels a tensor); partial rotary goes through ops."""
+
+    def __init__(self, rope, rotary_dim: int, head_dim: int, positions: torch.Tensor):
+        self.rope, self.positions = rope, positions
+        self.full = rotary_dim == head_dim
+        if self.full:
+            freqs = positions.float()[:, None] * rope.inv_freq[None, :]                  # [S, R/2]
+            cos, sin = freqs.cos() * rope.attention_scaling, freqs.sin() * rope.attention_scaling
+            self.cos = torch.cat([cos, cos], -1)[None, :, None, :]                         # [1, S, 1, R]
+            self.sin = torch.cat([-sin, sin], -1)[None, :, None, :]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [1, S, H, hd]
+        if not self.full:
+            return ops.rotary_embedding(x, self.positions.view(1, -1), self.rope.inv_freq, self.rope.attention_scaling)
+        cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)
+        return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), sin)

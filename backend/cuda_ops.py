@@ -1,0 +1,174 @@
+"""trimtab's CUDA kernels (``csrc/cuda/``), built on first use where torch has CUDA and nvcc is found.
+
+    from trimtab.backend import cuda_ops
+    cuda_ops.available()                                    # a CUDA GPU and a CUDA build of torch
+    words = cuda_ops.qrepack(qweight, repack, meta, word_rows, out_pad)        # canonical → GPU layout
+    y = cuda_ops.qgemv(x, in_features, words, scale_min, meta, xmap, bias, out, workspace, counters, target_blocks)
+    cuda_ops.qdequantize_t(wt, words, scale_min, meta, xmap, out, col_begin, col_end)
+
+The layout and the kernels are described in docs/CUDA.md; backend/quant/cuda_linear.py is their
+one user. Building mirrors backend/ops.py: ``torch.utils.cpp_extension.load`` compiles
+``csrc/cuda/*.cu`` and ``bindings.cpp`` once (a few minutes) into a cache folder named by a hash
+of the sources, flags, GPU architectures, torch and Python; later processes load the library
+directly. Machine code is built for sm_90 (H100/H200) and for the GPU present, if different.
+Without a CUDA GPU nothing here is built or needed: the CPU engine never imports this module's
+library, and tests skip.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.resources
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import TrimtabError
+from .ops import _build_root, _first_error_line
+
+__all__ = ["available", "load_extension", "qrepack", "qgemv", "qgemv_workspace", "qgemv_counters", "qdequantize_t",
+           "multiprocessor_count"]
+
+_build_lock = threading.Lock()
+_library_path: Path | None = None
+_build_error: TrimtabError | None = None
+
+
+def available() -> bool:
+    """A CUDA GPU is visible to a CUDA build of torch (the kernels may still need building)."""
+    return torch.cuda.is_available()
+
+
+def qrepack(qweight, repack, meta, word_rows: int, out_pad: int) -> torch.Tensor:
+    load_extension()
+    with _as_trimtab_error():
+        return torch.ops.trimtab_cuda.qrepack(qweight, repack, meta, word_rows, out_pad)
+
+
+def qgemv(x, in_features: int, words, scale_min, meta, xmap, bias, out: int, workspace, counters,
+          target_blocks: int) -> torch.Tensor:
+    """x: [batch <= 8, in] → [batch, out] in x's dtype (float16 or bfloat16); K is split so that the
+    grid has about `target_blocks` blocks."""
+    load_extension()
+    with _as_trimtab_error():
+        return torch.ops.trimtab_cuda.qgemv(x, in_features, words, scale_min, meta, xmap, bias, out, workspace,
+                                            counters, target_blocks)
+
+
+def qgemv_workspace(words, scale_min, meta, out: int, batch: int, target_blocks: int) -> int:
+    """float32 elements of split-K workspace the GEMV needs for `batch` rows."""
+    load_extension()
+    return torch.ops.trimtab_cuda.qgemv_workspace(words, scale_min, meta, out, batch, target_blocks)
+
+
+def multiprocessor_count(on: torch.Tensor) -> int:
+    """Streaming multiprocessors of the GPU holding `on`."""
+    load_extension()
+    return torch.ops.trimtab_cuda.multiprocessor_count(on)
+
+
+def qgemv_counters(words, scale_min, meta, out: int) -> int:
+    load_extension()
+    return torch.ops.trimtab_cuda.qgemv_counters(words, scale_min, meta, out)
+
+
+def qdequantize_t(wt, words, scale_min, meta, xmap, out: int, col_begin: int, col_end: int) -> None:
+    """Columns [col_begin, col_end) of W, transposed, original row order, into wt [in, >= cols]."""
+    load_extension()
+    with _as_trimtab_error():
+        torch.ops.trimtab_cuda.qdequantize_t(wt, words, scale_min, meta, xmap, out, col_begin, col_end)
+
+
+@contextlib.contextmanager
+def _as_trimtab_error():
+    try:
+        yield
+    except RuntimeError as exc:
+        message = str(exc)
+        if "trimtab_cuda::" not in message:
+            raise
+        first = next((line for line in message.splitlines() if "trimtab_cuda::" in line), message)
+        raise TrimtabError(first[first.index("trimtab_cuda::"):].strip()) from None
+
+
+def load_extension() -> Path:
+    """Build (first use only) and load the CUDA kernels; returns the loaded library's path."""
+    global _library_path, _build_error
+    if _library_path is not None:
+        return _library_path
+    with _build_lock:
+        if _library_path is None:
+            if _build_error is not None:
+                raise _build_error
+            try:
+                _library_path = _build_and_load()
+            except TrimtabError as exc:
+                _build_error = exc
+                raise
+    return _library_path
+
+
+def _build_and_load() -> Path:
+    if not available():
+        raise TrimtabError("trimtab's CUDA kernels need a CUDA GPU and a CUDA build of PyTorch; none is visible")
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        raise TrimtabError("trimtab needs nvcc (the CUDA compiler) to build its CUDA kernels: put it on PATH "
+                           "or set CUDA_HOME")
+    sources = _source_files()
+    cuda_flags = ["-O3", *_gencode_flags()]
+    name = "trimtab_cuda_" + _build_hash(sources, cuda_flags)
+    build_dir = _build_root() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    library = build_dir / f"{name}.so"
+    if library.exists() and not (build_dir / "lock").exists():
+        try:
+            torch.ops.load_library(str(library))
+        except (OSError, RuntimeError) as exc:
+            raise TrimtabError(f"{library}: cannot load the cached CUDA kernels ({exc}); "
+                               f"delete {build_dir} to rebuild them") from exc
+        return library
+    print("trimtab: compiling the CUDA kernels (first use only, a few minutes)...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(name=name, sources=[str(s) for s in sources if s.suffix in (".cu", ".cpp")],
+                           extra_cflags=["-O3"], extra_cuda_cflags=cuda_flags,
+                           build_directory=str(build_dir), is_python_module=False, verbose=False)
+    except Exception as exc:
+        log = build_dir / "build.log"
+        with contextlib.suppress(OSError):
+            log.write_text(f"{type(exc).__name__}: {exc}\n")
+        raise TrimtabError(f"trimtab could not build its CUDA kernels: "
+                           f"{_first_error_line(str(exc)) or type(exc).__name__}; full output: {log}") from exc
+    print(f"trimtab: CUDA kernels compiled in {time.perf_counter() - started:.0f} s ({build_dir})",
+          file=sys.stderr, flush=True)
+    return library
+
+
+def _source_files() -> list[Path]:
+    root = Path(os.fspath(importlib.resources.files("trimtab.csrc"))) / "cuda"
+    sources = sorted(p for p in root.iterdir() if p.suffix in (".cu", ".cuh", ".h", ".cpp")) if root.is_dir() else []
+    if not any(p.suffix == ".cu" for p in sources):
+        raise TrimtabError(f"{root}: no CUDA sources (csrc/cuda/*.cu) found; the trimtab install is incomplete")
+    return sources
+
+
+def _gencode_flags() -> list[str]:
+    """sm_90 (H100/H200) always, plus the architecture of each visible GPU."""
+    archs = {(9, 0)} | {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    return [f"-gencode=arch=compute_{a}{b},code=sm_{a}{b}" for a, b in sorted(archs)]
+
+
+def _build_hash(sources: list[Path], flags: list[str]) -> str:
+    digest = hashlib.sha256()
+    for part in (torch.__version__, str(torch.version.cuda), sys.implementation.cache_tag, " ".join(flags)):
+        digest.update(part.encode() + b"\0")
+    for source in sources:
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]

@@ -1,0 +1,161 @@
+"""The quantized linear layer on a CUDA GPU: the canonical format (format.py) repacked once at load
+into the GPU layout (docs/CUDA.md) and run by the CUDA kernels (csrc/cuda/, backend/cuda_ops.py).
+
+    linear = CudaPackedLinear(layer, bias, "cuda", torch.bfloat16)   # PackedLinear.from_canonical does this
+    y = linear(x)     # x: [..., in] → [..., out] in x's dtype; up to 8 rows: the GEMV on the packed
+                      # words; more rows: columns dequantized into a float16/bfloat16 slice + cuBLAS
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from trimtab.backend import cuda_ops
+from trimtab.backend.errors import TrimtabError
+from trimtab.backend.quant.format import QuantizedLinear, packed_words
+from trimtab.backend.quant.kernels import PackedLinear
+
+CHUNK_ROWS = 32
+GEMV_MAX_ROWS = 8           # the GEMV kernel's batch limit; above it, dequantize + matmul
+SLICE_ELEMENTS = 64 << 20   # the largest dequantized column slice (128 MB in float16)
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Where each 32-row chunk of the GPU layout comes from and goes (host tensors)."""
+    meta: torch.Tensor      # int32 [chunks, 4]: word row, width, group, 0
+    repack: torch.Tensor    # int32 [chunks, 4]: canonical word row of its group, first row in the group, size, width
+    xmap: torch.Tensor | None  # int32 [chunks * 32]: padded row → original input row (-1: padding); None: identity
+    word_rows: int
+
+
+def plan_chunks(layer: QuantizedLinear) -> ChunkPlan:
+    sizes, widths = layer.group_sizes.tolist(), layer.group_bits.tolist()
+    perm = None if layer.perm is None else layer.perm.cpu().to(torch.int64)
+    meta, repack, rows = [], [], []
+    word_row = canonical_row = quantized_row = 0
+    for group, (size, bits) in enumerate(zip(sizes, widths)):
+        for first in range(0, size, CHUNK_ROWS):
+            meta.append([word_row, bits, group, 0])
+            repack.append([canonical_row, first, size, bits])
+            word_row += bits
+        chunk_rows = -(-size // CHUNK_ROWS) * CHUNK_ROWS
+        rows.append(torch.cat([torch.arange(quantized_row, quantized_row + size),
+                               torch.full((chunk_rows - size,), -1, dtype=torch.int64)]))
+        canonical_row += packed_words(size, bits)
+        quantized_row += size
+    identity = perm is None and all(size % CHUNK_ROWS == 0 for size in sizes)
+    xmap = None
+    if not identity:
+        padded = torch.cat(rows)                                         # quantized row or -1
+        original = padded if perm is None else torch.where(padded >= 0, perm[padded.clamp_min(0)], -1)
+        xmap = original.to(torch.int32)
+    return ChunkPlan(torch.tensor(meta, dtype=torch.int32), torch.tensor(repack, dtype=torch.int32), xmap, word_row)
+
+
+class SplitKWorkspace:
+    """One split-K workspace and tile counters per GPU, shared by every layer (kernels on one stream
+    run one at a time). Layers reserve what they need at load, so a captured CUDA graph never sees
+    it move; a graph keeps its own references (tensors()) alive."""
+
+    _per_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def reserve(cls, device: torch.device, floats: int, counters: int) -> None:
+        workspace, tiles = cls._per_device.get(device, (None, None))
+        if workspace is None or workspace.numel() < floats or tiles.numel() < counters:
+            floats = max(floats, 0 if workspace is None else workspace.numel())
+            counters = max(counters, 0 if tiles is None else tiles.numel())
+            cls._per_device[device] = (torch.empty(floats, dtype=torch.float32, device=device),
+                                       torch.zeros(counters, dtype=torch.int32, device=device))
+
+    @classmethod
+    def tensors(cls, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return cls._per_device[device]
+
+
+class CudaPackedLinear(PackedLinear):
+    """y = x Wᵀ + b on the GPU layout. Activations float16 or bfloat16 (others computed in float16)."""
+
+    # GEMV blocks per multiprocessor the K split aims for (docs/CUDA.md; bench/gpu_bench.py measures it)
+    blocks_per_multiprocessor = 4
+
+    def __init__(self, layer: QuantizedLinear, bias: torch.Tensor | None, device, dtype: torch.dtype):
+        self.device = torch.device(device)
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.dtype = dtype if dtype in ACTIVATION_DTYPES else torch.float16
+        out_pad = -(-self.out_features // 4) * 4
+        plan = plan_chunks(layer)
+        with torch.cuda.device(self.device):
+            self.meta = plan.meta.to(self.device)                                        # int32 [chunks, 4]
+            self.xmap = None if plan.xmap is None else plan.xmap.to(self.device)        # int32 [chunks * 32]
+            self.words = cuda_ops.qrepack(layer.qweight.to(self.device).contiguous(), plan.repack.to(self.device),
+                                          self.meta, plan.word_rows, out_pad)          # int32 [word_rows, out_pad]
+            scale_min = torch.stack([layer.scales, layer.mins], dim=-1)                 # half [groups, out, 2]
+            self.scale_min = F.pad(scale_min, (0, 0, 0, out_pad - self.out_features)).to(self.device).contiguous()
+            self.bias = None if bias is None else bias.to(device=self.device, dtype=torch.float32).contiguous()
+            self.target_blocks = self.blocks_per_multiprocessor * cuda_ops.multiprocessor_count(self.words)
+            SplitKWorkspace.reserve(
+                self.device,
+                max(cuda_ops.qgemv_workspace(self.words, self.scale_min, self.meta, self.out_features, rows,
+                                             self.target_blocks) for rows in range(1, GEMV_MAX_ROWS + 1)),
+                cuda_ops.qgemv_counters(self.words, self.scale_min, self.meta, self.out_features))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] → [..., out]
+        if x.device != self.device:
+            raise TrimtabError(f"quantized layer on {self.device} got an input on {x.device}")
+        if x.shape[-1] != self.in_features:
+            raise TrimtabError(f"quantized layer takes {self.in_features} inputs, got shape {list(x.shape)}")
+        rows = x.reshape(-1, self.in_features)
+        if rows.dtype not in ACTIVATION_DTYPES:
+            rows = rows.to(torch.float16)
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        y = self.gemv(rows) if rows.shape[0] <= GEMV_MAX_ROWS else self.dequantized_matmul(rows)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def gemv(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows: [1-8, in] float16/bfloat16 → [rows, out]."""
+        workspace, counters = SplitKWorkspace.tensors(self.device)
+        return cuda_ops.qgemv(rows, self.in_features, self.words, self.scale_min, self.meta, self.xmap, self.bias,
+                              self.out_features, workspace, counters, self.target_blocks)
+
+    def dequantized_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows: [n, in] → [n, out]: W's columns dequantized a slice at a time, then cuBLAS."""
+        slices = [rows @ wt[:, :end - begin] for begin, end, wt in self._column_slices(rows.dtype)]
+        y = slices[0] if len(slices) == 1 else torch.cat(slices, dim=1)   # [n, out]
+        if self.bias is not None:
+            y += self.bias.to(y.dtype)
+        return y
+
+    def dequantized_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """W[ids]: [n, in] in the original input order (a quantized head serving as the embedding).
+        With W in one slice (up to 64M weights) this is free of host syncs, so a CUDA graph can hold it."""
+        ids = ids.to(device=self.device, dtype=torch.int64).reshape(-1)
+        slices = list(self._column_slices(self.dtype))
+        if len(slices) == 1:
+            return slices[0][2].index_select(1, ids).t()
+        out = torch.empty(ids.numel(), self.in_features, dtype=self.dtype, device=self.device)
+        for begin, end, wt in slices:
+            inside = (ids >= begin) & (ids < end)
+            out[inside] = wt[:, ids[inside] - begin].t()
+        return out
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole W [out, in] in the original input order (tests, and small layers)."""
+        return self.dequantized_rows(torch.arange(self.out_features, device=self.device)).to(dtype or self.dtype)
+
+    def _column_slices(self, dtype: torch.dtype):
+        """→ (begin, end, Wt [in, >= end - begin]) for consecutive column slices of W."""
+        width = max(128, (SLICE_ELEMENTS // max(1, self.in_features)) // 128 * 128)
+        for begin in range(0, self.out_features, width):
+            end = min(self.out_features, begin + width)
+            wt = torch.empty(self.in_features, -(-(end - begin) // 4) * 4, dtype=dtype, device=self.device)
+            cuda_ops.qdequantize_t(wt, self.words, self.scale_min, self.meta, self.xmap, self.out_features, begin, end)
+            yield begin, end, wt

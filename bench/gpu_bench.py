@@ -1,0 +1,560 @@
+"""GPU benchmark of the quantized engine (issue 8), in one run on the GPU machine:
+
+1. builds the CUDA kernels (backend/cuda_ops.py) and checks every kernel against the reference
+   dequantiser (format.dequantize) on fresh random layers: every width, mixed widths in one matrix,
+   ragged groups, act-order, float16 and bfloat16, GEMV batches 1-8 and the dequantize + cuBLAS path;
+   outputs poisoned with NaN first; relative error ‖y − ref‖ / ‖ref‖;
+2. times, with the same method for every engine (CUDA events around a CUDA graph of 100 calls
+   rotating over 8 weight copies so that L2 cannot help; median of 5): device copy bandwidth,
+   trimtab's GEMV at 4.0 bpw, ExLlamaV2's 4-bit gemm_half_q_half (its PyPI wheel, JIT-built here)
+   and fp16 cuBLAS on Llama-3-8B's four shapes;
+3. decode tokens/s (a CUDA graph per step, context 1024) and prefill of 1024 tokens for a
+   Llama-3-8B-shaped model with random 4.0-bpw weights (backend/cuda_decode.py), against fp16 with
+   CUDA graphs and against ExLlamaV2 end to end (its harness in bench/peers/, own process);
+4. greedy tokens of the GPU path against the CPU path on a quantized default model.
+
+    python bench/gpu_bench.py [--parts check,gemv,exl2kernel,decode,exllamav2,greedy] [--quantized DIR]
+        → gpu.json under $OUT (the device machine) or bench/results/
+    python bench/gpu_bench.py --report bench/results/gpu.json   → BENCHMARKS.md section "gpu"
+
+Shapes are named in×out as the peers' harness names them: 4096x14336 is gate/up (in 4096, out 14336).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import markdown_table, write_section  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PEERS = Path(__file__).resolve().parent / "peers"
+SHAPES = {"4096x4096": (4096, 4096), "4096x1024": (4096, 1024), "4096x14336": (4096, 14336),
+          "14336x4096": (14336, 4096)}
+GROUP = 128
+COPIES = 8          # weight copies rotated through in timings (8 × 29 MB > the 50 MB L2)
+CALLS_PER_GRAPH = 100
+GEMV_CHECK_ROWS = 9  # more than the GEMV's 8: the dequantize + matmul path
+
+
+# ---- random layers ------------------------------------------------------------------------------
+
+def widths_for_bpw(groups: int, bpw: float, group: int = GROUP) -> list[int]:
+    """Group widths mixing 3 and 4 bits so that the layer's bpw (scales, mins and metadata counted)
+    is `bpw`: 4-bit groups of 128 cost 4.25 bpw, so 4.0 bpw makes a quarter of them 3-bit."""
+    overhead = 32 / group
+    three = round(groups * (4 + overhead - bpw))
+    return [3 if (g * three) // groups != ((g + 1) * three) // groups else 4 for g in range(groups)]
+
+
+def random_layer(in_features: int, out_features: int, widths, group_sizes, perm: bool = False, device="cpu"):
+    """A canonical QuantizedLinear with random q, W ≈ N(0, 0.02²)-sized, built without quantizing floats."""
+    import torch
+    from trimtab.backend.quant import format as qformat
+
+    widths, group_sizes = list(widths), list(group_sizes)
+    if all(n * b % 32 == 0 for n, b in zip(group_sizes, widths)):  # random words are valid q streams
+        rows = sum(qformat.packed_words(n, b) for n, b in zip(group_sizes, widths))
+        qweight = torch.randint(-2 ** 31, 2 ** 31, (rows, out_features), dtype=torch.int64, device=device).to(torch.int32)
+    else:  # a group's last word has unused bits, which must be zero: pack real q values
+        q = torch.cat([torch.randint(0, 2 ** b, (n, out_features)) for n, b in zip(group_sizes, widths)])
+        qweight = qformat.pack(q, torch.ones(len(widths), out_features), torch.zeros(len(widths), out_features),
+                               widths, group_sizes).qweight.to(device)
+    steps = torch.tensor([0.02 * 12 ** 0.5 / 2 ** b for b in widths], device=device)[:, None]
+    scales = steps * (0.5 + torch.rand(len(widths), out_features, device=device))
+    levels = torch.tensor([2 ** b - 1 for b in widths], device=device)[:, None]
+    mins = -scales * levels / 2 * (0.8 + 0.4 * torch.rand(len(widths), out_features, device=device))
+    order = torch.randperm(in_features, device=device).to(torch.int32) if perm else None
+    return qformat.QuantizedLinear(qweight, scales.half(), mins.half(), torch.tensor(widths, dtype=torch.uint8),
+                                   torch.tensor(group_sizes, dtype=torch.int32), order)
+
+
+def bench_layer(in_features: int, out_features: int, bpw: float, device="cuda"):
+    from trimtab.backend.quant.format import split_groups
+
+    sizes = split_groups(in_features, GROUP)
+    return random_layer(in_features, out_features, widths_for_bpw(len(sizes), bpw), sizes, device=device)
+
+
+# ---- 1. correctness -----------------------------------------------------------------------------
+
+def poison_allocator(torch, megabytes: int = 512) -> None:
+    """Fill free cached memory with NaN so that an output the kernel fails to write shows."""
+    blocks = [torch.full((megabytes << 18,), float("nan"), device="cuda") for _ in range(2)]
+    del blocks
+
+
+def relative_error(torch, y, ref) -> float:
+    y, ref = y.double(), ref.double()
+    if not torch.isfinite(y).all():
+        return float("inf")
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+CHECK_CASES = [  # (in, out, widths (cycled over groups), group size, act-order)
+    (2048, 512, (4,), 128, False),
+    (1024, 1024, (3, 4, 4, 4), 128, False),
+    (1000, 333, (2, 3, 4, 5, 6, 8), 128, True),     # ragged last group (104 rows), odd out
+    (576, 576, (8, 6, 5, 4, 3, 2), 64, False),
+    (1536, 580, (5, 6), 128, True),
+    (300, 50, (8, 3, 2), 100, True),                 # groups not a multiple of 32 rows
+    (14336, 256, (4,), 128, False),
+]
+TOLERANCE = {"float16": 4e-3, "bfloat16": 1.2e-2}
+
+
+def check_kernels() -> list[dict]:
+    import torch
+    from trimtab.backend.quant import format as qformat
+    from trimtab.backend.quant.cuda_linear import CudaPackedLinear
+
+    rows, failures = [], []
+    for in_f, out_f, pattern, group, perm in CHECK_CASES:
+        sizes = qformat.split_groups(in_f, group)
+        widths = [pattern[g % len(pattern)] for g in range(len(sizes))]
+        layer = random_layer(in_f, out_f, widths, sizes, perm)
+        bias = torch.randn(out_f) * 0.1
+        w_ref = qformat.dequantize(layer).cuda()  # [out, in] float32, the reference (on the CPU)
+        for dtype in (torch.float16, torch.bfloat16):
+            poison_allocator(torch)
+            linear = CudaPackedLinear(layer, bias, "cuda", dtype)
+            errors = {"dequantize": relative_error(torch, linear.dequantized(torch.float32), w_ref)}
+            for batch in (1, 2, 5, 8, 37):
+                x = (torch.randn(batch, in_f, device="cuda") * (1 + 3 * torch.rand(in_f, device="cuda"))).to(dtype)
+                ref = x.double() @ w_ref.double().t() + bias.cuda().double()
+                poison_allocator(torch)
+                errors[f"batch {batch}"] = relative_error(torch, linear(x), ref)
+            name = f"{in_f}x{out_f} widths {'/'.join(map(str, pattern))} g{group}{' act-order' if perm else ''}"
+            worst = max(errors.values())
+            ok = worst <= TOLERANCE[str(dtype).split('.')[-1]]
+            rows.append({"case": name, "dtype": str(dtype).split(".")[-1], "max_rel_error": worst, "ok": ok,
+                         **{k: round(v, 6) for k, v in errors.items()}})
+            print(f"check {name} {dtype}: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items())
+                  + ("" if ok else "  FAIL"), flush=True)
+            if not ok:
+                failures.append(name)
+    if failures:
+        print(f"KERNEL CHECK FAILED: {failures}", flush=True)
+    return rows
+
+
+# ---- 2. kernel timings --------------------------------------------------------------------------
+
+def time_graph(torch, calls, reps: int = 5) -> float:
+    """Median seconds per call of `calls` (a list of closures) captured into one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls[:COPIES]:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / len(calls))
+    return sorted(times)[len(times) // 2]
+
+
+def time_eager(torch, calls, reps: int = 5) -> float:
+    """As the peers' harness times: a Python loop of launches between two events (median of 5)."""
+    for call in calls[:COPIES]:
+        call()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        for call in calls:
+            call()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / len(calls))
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(torch) -> float:
+    a = torch.empty(1 << 30, dtype=torch.half, device="cuda").normal_()
+    b = torch.empty_like(a)
+    t = time_eager(torch, [lambda: b.copy_(a)] * 20)
+    del a, b
+    return 2 * (1 << 30) * 2 / t / 1e12
+
+
+def exllamav2_ext():
+    try:
+        from exllamav2 import ext as exl_ext
+        return exl_ext
+    except Exception as exc:  # reported, not fatal: the peer is optional where its wheel is absent
+        print(f"exllamav2 unavailable: {exc}", flush=True)
+        return None
+
+
+def exl2_matrix(torch, exl_ext, k: int, n: int, bits: int = 4, gs: int = 128):
+    """A random EXL2 matrix as the peers' harness makes it (4-bit, groups of 128)."""
+    groups = k // gs
+    q_weight = torch.randint(-2 ** 31, 2 ** 31 - 1, (k * bits // 32, n), dtype=torch.int32, device="cuda")
+    q_scale = torch.randint(-2 ** 31, 2 ** 31 - 1, (groups, n // 8), dtype=torch.int32, device="cuda")
+    q_scale_max = torch.rand(groups, dtype=torch.half, device="cuda") * 0.01 + 0.001
+    q_groups = torch.tensor(sum([[bits, g * gs * bits // 32] for g in range(groups)], []), dtype=torch.int16)
+    perm = torch.randperm(k, device="cuda").to(torch.int16)
+    w = dict(q_weight=q_weight, q_scale=q_scale, q_scale_max=q_scale_max, q_groups=q_groups.cuda(), q_perm=perm,
+             q_invperm=torch.argsort(perm.long()).to(torch.int16))
+    w["q_group_map"] = exl_ext.exllamav2_ext.make_group_map(q_groups, q_weight.shape[0]).cuda()
+    temp_dq = torch.empty(k * n, dtype=torch.half, device="cuda")
+    return exl_ext.make_q_matrix(w, temp_dq), w, temp_dq
+
+
+def time_kernels(results: dict) -> None:
+    """Copy bandwidth; trimtab's GEMV (4.0 bpw and all 4-bit) and fp16 cuBLAS on the four shapes."""
+    import torch
+    from trimtab.backend.quant.cuda_linear import CudaPackedLinear
+
+    results["copy_tbps"] = copy_bandwidth(torch)
+    print(f"copy bandwidth {results['copy_tbps']:.3f} TB/s (read + write)", flush=True)
+    shapes = results.setdefault("shapes", {})
+    for name, (k, n) in SHAPES.items():
+        row = shapes.setdefault(name, {})
+        x = torch.randn(1, k, dtype=torch.half, device="cuda")
+        default_blocks = CudaPackedLinear.blocks_per_multiprocessor
+        for label, bpw, blocks in (("trimtab", 4.0, default_blocks), ("trimtab_4bit", 4.25, default_blocks),
+                                   ("trimtab_2_blocks_per_sm", 4.0, 2), ("trimtab_6_blocks_per_sm", 4.0, 6)):
+            layers = [bench_layer(k, n, bpw) for _ in range(COPIES)]
+            CudaPackedLinear.blocks_per_multiprocessor = blocks  # the K split's target (docs/CUDA.md)
+            linears = [CudaPackedLinear(layer, None, "cuda", torch.float16) for layer in layers]
+            CudaPackedLinear.blocks_per_multiprocessor = default_blocks
+            bytes_read = linears[0].words.numel() * 4 + linears[0].scale_min.numel() * 2
+            calls = [lambda i=i: linears[i % COPIES].gemv(x) for i in range(CALLS_PER_GRAPH)]
+            row[f"{label}_us"] = time_graph(torch, calls) * 1e6
+            row[f"{label}_eager_us"] = time_eager(torch, calls) * 1e6
+            row[f"{label}_bpw"] = layers[0].bits_per_weight()
+            row[f"{label}_tbps"] = bytes_read / (row[f"{label}_us"] * 1e-6) / 1e12
+            # these shapes against the dequantize kernel (itself checked against format.dequantize)
+            ref = linears[0].dequantized_matmul(x.expand(GEMV_CHECK_ROWS, k).contiguous())[:1].float()
+            row[f"{label}_rel_error_vs_dequantize"] = relative_error(torch, linears[0].gemv(x).float(), ref)
+            del layers, linears
+        weights = [torch.randn(n, k, dtype=torch.half, device="cuda") * 0.02 for _ in range(COPIES)]
+        calls = [lambda i=i: torch.nn.functional.linear(x, weights[i % COPIES]) for i in range(CALLS_PER_GRAPH)]
+        row["fp16_us"] = time_graph(torch, calls) * 1e6
+        row["fp16_eager_us"] = time_eager(torch, calls) * 1e6
+        del weights
+        torch.cuda.empty_cache()
+        print(f"gemv {name}: " + ", ".join(f"{key} {value:.2f}" for key, value in row.items()), flush=True)
+
+
+def exllamav2_built() -> bool:
+    """ExLlamaV2's JIT build (started in the background by bench/peers/device_setup.sh) is done:
+    importing it now loads rather than compiles."""
+    builds = list((Path.home() / ".cache" / "torch_extensions").glob("*/exllamav2_ext"))
+    return any(list(b.glob("*.so")) and not (b / "lock").exists() for b in builds)
+
+
+def time_exllamav2_kernels(results: dict) -> None:
+    import torch
+
+    if not exllamav2_built():
+        print("exllamav2 kernels: its JIT build has not finished; not timed in this run", flush=True)
+        return
+    exl_ext = exllamav2_ext()
+    if exl_ext is None:
+        return
+    for name, (k, n) in SHAPES.items():
+        row = results["shapes"].setdefault(name, {})
+        x = torch.randn(1, k, dtype=torch.half, device="cuda")
+        mats = [exl2_matrix(torch, exl_ext, k, n) for _ in range(COPIES)]
+        c = torch.empty(1, n, dtype=torch.half, device="cuda")
+        calls = [lambda i=i: exl_ext.exllamav2_ext.gemm_half_q_half(x, mats[i % COPIES][0], c, False)
+                 for i in range(CALLS_PER_GRAPH)]
+        row["exllamav2_eager_us"] = time_eager(torch, calls) * 1e6
+        try:
+            row["exllamav2_us"] = time_graph(torch, calls) * 1e6
+        except Exception as exc:
+            print(f"exllamav2 in a CUDA graph failed ({exc}); eager timing only", flush=True)
+            row["exllamav2_us"] = row["exllamav2_eager_us"]
+        del mats
+        torch.cuda.empty_cache()
+        print(f"exllamav2 gemv {name}: {row['exllamav2_us']:.2f} us (eager {row['exllamav2_eager_us']:.2f})", flush=True)
+
+
+# ---- 3. end to end ------------------------------------------------------------------------------
+
+LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+             "max_position_embeddings": 8192, "tie_word_embeddings": False}
+HEAD_BITS = 6  # as the peers' ExLlamaV2 model: 4.0 bpw body, 6-bit head
+
+
+def llama3_8b_model(quantized: bool, bpw: float = 4.0):
+    """A Llama-3-8B-shaped Transformer on the GPU with random weights: quantized (4.0 bpw body,
+    6-bit head, canonical tensors made directly, never by quantizing floats) or float16."""
+    import torch
+    from trimtab.backend.models import llama
+    from trimtab.backend.quant.format import split_groups
+
+    c = LLAMA3_8B
+    D, I, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * 128
+    shapes = {"self_attn.q_proj": (D, D), "self_attn.k_proj": (kv, D), "self_attn.v_proj": (kv, D),
+              "self_attn.o_proj": (D, D), "mlp.gate_proj": (I, D), "mlp.up_proj": (I, D), "mlp.down_proj": (D, I)}
+    weights = {"model.embed_tokens.weight": torch.randn(c["vocab_size"], D, device="cuda", dtype=torch.half) * 0.02,
+               "model.norm.weight": torch.ones(D, device="cuda", dtype=torch.half)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        weights[p + "input_layernorm.weight"] = torch.ones(D, device="cuda", dtype=torch.half)
+        weights[p + "post_attention_layernorm.weight"] = torch.ones(D, device="cuda", dtype=torch.half)
+        for name, (out_f, in_f) in shapes.items():
+            if quantized:
+                weights.update(bench_layer(in_f, out_f, bpw).tensors(p + name))
+            else:
+                weights[p + name + ".weight"] = torch.randn(out_f, in_f, device="cuda", dtype=torch.half) * 0.02
+    if quantized:
+        sizes = split_groups(D, GROUP)
+        weights.update(random_layer(D, c["vocab_size"], [HEAD_BITS] * len(sizes), sizes, device="cuda").tensors("lm_head"))
+    else:
+        weights["lm_head.weight"] = torch.randn(c["vocab_size"], D, device="cuda", dtype=torch.half) * 0.02
+    model = llama.Model(llama.ModelArgs.from_config(c), weights, dtype=torch.float16, device="cuda")
+    del weights
+    torch.cuda.empty_cache()
+    return model
+
+
+def measure_model(model, context: int, decode_tokens: int = 64) -> dict:
+    """Prefill of `context` tokens (median of 3) and decode tok/s at that context: one graph replay,
+    argmax and host sync per token (as ExLlamaV2's test_inference -s measures)."""
+    import torch
+    from trimtab.backend.cuda_decode import CudaGraphDecoder
+
+    decoder = CudaGraphDecoder(model)
+    vocab = model.args.vocab_size
+    tokens = torch.randint(0, vocab, (1, context), device="cuda")
+    prefill = []
+    for _ in range(3):
+        cache = model.new_cache(1, context + decode_tokens + 16)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        logits = decoder.prefill(tokens, cache)
+        torch.cuda.synchronize()
+        prefill.append(time.perf_counter() - start)
+    cache = model.new_cache(1, context + decode_tokens + 16)
+    logits = decoder.prefill(tokens[:, :context - 1], cache)
+    token = int(logits.argmax())
+    for _ in range(4):  # capture and warm-up
+        token = int(decoder.step(token, cache).argmax())
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(decode_tokens):
+        token = int(decoder.step(token, cache).argmax())
+    decode = decode_tokens / (time.perf_counter() - start)
+    # the graph alone (no host sync between steps): what the GPU needs per token
+    start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start_event.record()
+    for _ in range(8):
+        decoder.graph.replay()
+    end_event.record()
+    torch.cuda.synchronize()
+    graph_ms = start_event.elapsed_time(end_event) / 8
+    return {"prefill_tok_s": context / sorted(prefill)[1], "decode_tok_s": decode, "graph_step_ms": graph_ms}
+
+
+def time_end_to_end(results: dict, context: int = 1024) -> None:
+    import torch
+
+    torch.backends.cuda.enable_cudnn_sdp(False)  # its per-call planning costs ~1.35 ms a layer (peers README)
+    decode, prefill = results.setdefault("decode_tok_s", {}), results.setdefault("prefill_1024_tok_s", {})
+    notes = results.setdefault("end_to_end", {})
+    for label, quantized in (("trimtab_4bpw", True), ("fp16", False)):
+        started = time.perf_counter()
+        model = llama3_8b_model(quantized)
+        built = time.perf_counter() - started
+        figures = measure_model(model, context)
+        decode[label], prefill[label] = figures["decode_tok_s"], figures["prefill_tok_s"]
+        notes[label] = {**figures, "build_s": built, "gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9}
+        print(f"end to end {label}: {json.dumps(notes[label])}", flush=True)
+        del model
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def time_exllamav2_end_to_end(results: dict, work: Path) -> None:
+    env = dict(os.environ, OUT=str(work))
+    script = PEERS / "exllamav2_decode.py"
+    proc = subprocess.run([sys.executable, str(script), str(work / "exl2_model")], env=env, capture_output=True,
+                          text=True)
+    print(proc.stdout[-2000:], proc.stderr[-2000:], flush=True)
+    figures = json.loads((work / "exl2_e2e.json").read_text())
+    results.setdefault("decode_tok_s", {})["exllamav2_4bpw"] = figures["exl2_decode_tok_s_ctx1024"]
+    results.setdefault("prefill_1024_tok_s", {})["exllamav2_4bpw"] = figures["exl2_prefill_1024_tok_s"]
+
+
+# ---- 4. greedy tokens, GPU against CPU ----------------------------------------------------------
+
+def greedy_tokens(model, prompt_ids, steps: int):
+    import torch
+
+    cache = model.new_cache(1, len(prompt_ids) + steps + 1)
+    logits = model.forward(torch.tensor([prompt_ids], device=model.device), cache, last_only=True)[0, -1]
+    tokens, margins = [], []
+    for _ in range(steps):
+        top = torch.topk(logits.float(), 2)
+        tokens.append(int(top.indices[0]))
+        margins.append(float(top.values[0] - top.values[1]))
+        logits = model.forward(torch.tensor([[tokens[-1]]], device=model.device), cache)[0, -1]
+    return tokens, margins
+
+
+def compare_greedy(results: dict, quantized: Path, steps: int = 64) -> None:
+    """Greedy tokens of the CPU path (float32) against the GPU: load(device="cuda") (bfloat16,
+    op by op), the same weights in float16, and the CUDA graph decoder on the float16 model."""
+    import torch
+    import trimtab
+    from trimtab.backend import api
+    from trimtab.backend.cuda_decode import CudaGraphDecoder
+
+    prompt = "The three primary colours are"
+    cpu = trimtab.load(str(quantized), device="cpu")
+    ids = cpu.tokenizer.encode(prompt)
+    cpu_tokens, cpu_margins = greedy_tokens(cpu.transformer, ids, steps)
+    config, weights, _ = api._read_source(quantized)
+    arch = api.architecture_for(config)
+    fp16 = arch.Model(api.model_args(arch, config), arch.sanitize(weights), dtype=torch.float16, device="cuda")
+    runs = {"cuda_bfloat16": greedy_tokens(trimtab.load(str(quantized), device="cuda").transformer, ids, steps)[0],
+            "cuda_float16": greedy_tokens(fp16, ids, steps)[0]}
+    decoder, cache = CudaGraphDecoder(fp16), fp16.new_cache(1, len(ids) + steps + 1)
+    logits, graph_tokens = decoder.prefill(torch.tensor([ids], device="cuda"), cache), []
+    for _ in range(steps):
+        graph_tokens.append(int(logits.argmax()))
+        logits = decoder.step(graph_tokens[-1], cache)
+    runs["cuda_float16_graph"] = graph_tokens
+    greedy = results["greedy"] = {"model": quantized.name, "steps": steps, "cpu_tokens": cpu_tokens}
+    for label, tokens in runs.items():
+        same = next((i for i, (a, b) in enumerate(zip(cpu_tokens, tokens)) if a != b), steps)
+        greedy[label] = {"equal_tokens": same, "tokens": tokens,
+                         "cpu_margin_at_first_difference": cpu_margins[same] if same < steps else None}
+        print(f"greedy {label}: {same}/{steps} tokens equal to the CPU's"
+              + (f"; the CPU's top-2 logit margin there {cpu_margins[same]:.4f}" if same < steps else ""), flush=True)
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+def report(path: Path) -> None:
+    r = json.loads(path.read_text())
+    copy = r.get("copy_tbps")
+    fmt = lambda v, spec=",.0f": format(v, spec) if isinstance(v, (int, float)) else "n/a"  # noqa: E731
+    rows = []
+    for name, s in r.get("shapes", {}).items():
+        t, e, f = s.get("trimtab_us"), s.get("exllamav2_us"), s.get("fp16_us")
+        rows.append([name, fmt(t, ".1f"), f"{s['trimtab_tbps'] / copy:.0%}", fmt(s.get("trimtab_4bit_us"), ".1f"),
+                     fmt(s.get("trimtab_2_blocks_per_sm_us"), ".1f"), fmt(s.get("trimtab_6_blocks_per_sm_us"), ".1f"),
+                     fmt(e, ".1f"), f"{e / t:.2f}×" if e else "n/a", fmt(f, ".1f"), f"{f / t:.2f}×"])
+    d, p = r.get("decode_tok_s", {}), r.get("prefill_1024_tok_s", {})
+    e2e = r.get("end_to_end", {})
+    body = (
+        f"Card: **{r.get('card')}** (torch {r.get('torch')}); every figure below was measured on it in one run of "
+        f"`bench/gpu_bench.py` on {r.get('date')} and is rendered here from `bench/results/gpu.json` by "
+        "`bench/gpu_bench.py --report` (the machine line above names where the report was rendered, not the card).\n\n"
+        f"Copy bandwidth (read + write): {copy:.2f} TB/s. GEMV, batch 1, float16 activations, µs per call, every "
+        "engine timed the same way (a CUDA graph of 100 calls rotating over 8 weight copies so that L2 cannot help, "
+        "median of 5); shapes in×out. trimtab at 4.0 bpw counts every stored bit (a quarter of the groups 3-bit, "
+        "the rest 4-bit, an fp16 scale and min per group of 128 rows and column); '4-bit' is every group 4-bit "
+        "(4.25 bpw); the two columns after it aim the K split at 2 and 6 blocks per multiprocessor instead of 4. "
+        "'% copy' is the bytes trimtab reads per second over the copy bandwidth. ExLlamaV2's kernel was not timed in "
+        "this run (its JIT build did not finish within the run; bench/peers/README.md gives its figures from the "
+        "peers' harness on the same kind of card).\n\n"
+        + markdown_table(["shape", "trimtab 4.0 bpw µs", "% copy", "4-bit µs", "2 blocks/SM µs", "6 blocks/SM µs",
+                          "ExLlamaV2 µs", "ExLlamaV2 / trimtab", "fp16 cuBLAS µs", "fp16 / trimtab"], rows)
+        + "\n\nLlama-3-8B shapes (32 layers, hidden 4096, MLP 14336, 8 KV heads, vocab 128256), random weights, "
+        "batch 1, float16 activations. Decode at context 1024: one CUDA graph replay per token "
+        "(`backend/cuda_decode.py`), argmax and a host sync per token; 'graph ms' is the graph alone. Prefill: 1024 "
+        "tokens in one chunk. trimtab's body at 4.0 bpw, its head 6-bit; the fp16 model runs the same decoder with "
+        "cuBLAS.\n\n"
+        + markdown_table(["engine", "decode tok/s", "graph ms / token", "prefill 1024 tok/s"],
+                         [["trimtab 4.0 bpw", fmt(d.get("trimtab_4bpw"), ".1f"),
+                           fmt(e2e.get("trimtab_4bpw", {}).get("graph_step_ms"), ".2f"), fmt(p.get("trimtab_4bpw"))],
+                          ["fp16 (same decoder, cuBLAS)", fmt(d.get("fp16"), ".1f"),
+                           fmt(e2e.get("fp16", {}).get("graph_step_ms"), ".2f"), fmt(p.get("fp16"))],
+                          ["ExLlamaV2 0.3.2, 4.0 bpw", fmt(d.get("exllamav2_4bpw"), ".1f"), "n/a",
+                           fmt(p.get("exllamav2_4bpw"))]])
+    )
+    if "greedy" in r:
+        g = r["greedy"]
+        for label in ("cuda_bfloat16", "cuda_float16", "cuda_float16_graph"):
+            if label in g:
+                run = g[label]
+                body += (f"\n\nGreedy tokens on `{g['model']}`, GPU `{label}` against the CPU path: "
+                         f"{run['equal_tokens']} of {g['steps']} equal"
+                         + (f" (the CPU's top-2 logit margin at the first difference: "
+                            f"{run['cpu_margin_at_first_difference']:.4f})" if run['equal_tokens'] < g['steps'] else "")
+                         + ".")
+        graph, op_by_op = g.get("cuda_float16_graph", {}).get("tokens"), g.get("cuda_float16", {}).get("tokens")
+        if graph and op_by_op:
+            same = sum(a == b for a, b in zip(graph, op_by_op))
+            body += f" The CUDA graph decoder against the same model op by op: {same} of {len(graph)} tokens equal."
+    if "checks" in r:
+        bad = [c for c in r["checks"] if not c["ok"]]
+        worst = max(c["max_rel_error"] for c in r["checks"])
+        body += (f"\n\nKernel checks against format.dequantize: {len(r['checks']) - len(bad)} of {len(r['checks'])} "
+                 f"cases within tolerance (largest relative error {worst:.1e}).")
+    write_section("gpu", body, script="gpu_bench")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--report", type=Path, help="render BENCHMARKS.md from this gpu.json and stop")
+    parser.add_argument("--parts", default="check,gemv,exl2kernel,decode,exllamav2,greedy")
+    parser.add_argument("--quantized", type=Path, default=PEERS / "smollm2_q3",
+                        help="a trimtab-quantized dir for the greedy comparison")
+    args = parser.parse_args()
+    if args.report:
+        return report(args.report)
+
+    import torch
+    from trimtab.backend import cuda_ops
+
+    parts = set(args.parts.split(","))
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d")}
+
+    def save():
+        (out_dir / "gpu.json").write_text(json.dumps(results, indent=1))
+
+    started = time.perf_counter()
+    cuda_ops.load_extension()
+    results["build_s"] = time.perf_counter() - started
+    print(f"{results['card']}: kernels ready in {results['build_s']:.0f} s", flush=True)
+    steps = [("check", lambda: results.__setitem__("checks", check_kernels())),
+             ("gemv", lambda: time_kernels(results)),
+             ("decode", lambda: time_end_to_end(results)),
+             ("greedy", lambda: compare_greedy(results, args.quantized)),
+             ("exl2kernel", lambda: time_exllamav2_kernels(results)),
+             ("exllamav2", lambda: time_exllamav2_end_to_end(results, Path("/tmp/gpu_bench")))]
+    for part, run in steps:
+        if part not in parts:
+            continue
+        try:
+            run()
+        except Exception:  # one part failing must not lose the others' figures
+            import traceback
+            traceback.print_exc()
+            results.setdefault("failed_parts", []).append(part)
+        save()
+    print(json.dumps({k: v for k, v in results.items() if k not in ("checks", "greedy")}, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()

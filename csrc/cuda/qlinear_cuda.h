@@ -1,0 +1,46 @@
+// Host entry points of the CUDA kernels (raw pointers, no ATen): bindings.cpp checks tensors and
+// calls these; the .cu files implement them. dtype: 0 = float16, 1 = bfloat16 activations.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace trimtab_cuda {
+
+constexpr int kMaxBatchRows = 8;  // the GEMV's largest batch
+
+struct QLayer {
+  const uint32_t* words;   // [word_rows, out_pad] the plane layout (qlinear_layout.cuh)
+  const void* scale_min;   // half2 [groups, out_pad]: (scale, min) of each (group, column)
+  const int* meta;         // int4 [chunks]: word_row, bits, group, 0
+  const int* xmap;         // int32 [chunks * 32]: padded row → original input row, -1 = padding;
+                           // nullptr when that is the identity (no perm, every group a multiple of 32)
+  int chunks;
+  int out;
+  int out_pad;             // out rounded up to a multiple of 4
+};
+
+// Split-K plan of the GEMV: blocks along K for `batch` rows so that the grid has about
+// `target_blocks` blocks, and the workspace that needs.
+int qgemv_splits(const QLayer& layer, int batch, int target_blocks);
+int64_t qgemv_workspace_floats(const QLayer& layer, int batch, int target_blocks);
+int qgemv_counters(const QLayer& layer);
+
+// y[b, :out] = x[b, :in] Wᵀ + bias for b < batch <= 8. x rows ldx apart, y rows ldy apart.
+// workspace: qgemv_workspace_floats floats; counters: qgemv_counters ints, zero (left zero).
+cudaError_t qgemv(const QLayer& layer, const void* x, int64_t ldx, void* y, int64_t ldy, const float* bias,
+                  int batch, int dtype, float* workspace, int* counters, int target_blocks,
+                  cudaStream_t stream);
+
+// Wt[r, c - col_begin] = W[c, r] for columns [col_begin, col_end) (multiples of 4 except col_end
+// may be out), rows in the original input order: Wt is [in, ldw], activations' dtype.
+cudaError_t qdequantize_t(const QLayer& layer, int col_begin, int col_end, void* wt, int64_t ldw, int dtype,
+                          cudaStream_t stream);
+
+// canonical qweight int32 [packed_rows, out] → words [word_rows, out_pad] (zeroed by the caller).
+// repack: int4 [chunks]: canonical word row of the chunk's group, first row of the chunk within
+// its group, the group's size, its width.
+cudaError_t qrepack(const int32_t* qweight, int out, const int* repack, int chunks, const int* meta,
+                    uint32_t* words, int out_pad, cudaStream_t stream);
+
+}  // namespace trimtab_cuda
