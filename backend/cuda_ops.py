@@ -22,21 +22,17 @@ import importlib.resources
 import os
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 from .errors import TrimtabError
-from .ops import _build_root, _first_error_line
+from .ops import OnceBuilt, _build_root, _first_error_line, as_trimtab_error
 
 __all__ = ["available", "load_extension", "qrepack", "qgemv", "qgemv_workspace", "qgemv_counters", "qdequantize_t",
            "multiprocessor_count"]
 
-_build_lock = threading.Lock()
-_library_path: Path | None = None
-_build_error: TrimtabError | None = None
 
 
 def available() -> bool:
@@ -84,33 +80,13 @@ def qdequantize_t(wt, words, scale_min, meta, xmap, out: int, col_begin: int, co
         torch.ops.trimtab_cuda.qdequantize_t(wt, words, scale_min, meta, xmap, out, col_begin, col_end)
 
 
-@contextlib.contextmanager
 def _as_trimtab_error():
-    try:
-        yield
-    except RuntimeError as exc:
-        message = str(exc)
-        if "trimtab_cuda::" not in message:
-            raise
-        first = next((line for line in message.splitlines() if "trimtab_cuda::" in line), message)
-        raise TrimtabError(first[first.index("trimtab_cuda::"):].strip()) from None
+    return as_trimtab_error("trimtab_cuda")
 
 
 def load_extension() -> Path:
     """Build (first use only) and load the CUDA kernels; returns the loaded library's path."""
-    global _library_path, _build_error
-    if _library_path is not None:
-        return _library_path
-    with _build_lock:
-        if _library_path is None:
-            if _build_error is not None:
-                raise _build_error
-            try:
-                _library_path = _build_and_load()
-            except TrimtabError as exc:
-                _build_error = exc
-                raise
-    return _library_path
+    return _cuda_kernels()
 
 
 def _build_and_load() -> Path:
@@ -172,3 +148,6 @@ def _build_hash(sources: list[Path], flags: list[str]) -> str:
     for source in sources:
         digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
     return digest.hexdigest()[:12]
+
+
+_cuda_kernels = OnceBuilt(_build_and_load)

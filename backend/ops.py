@@ -42,9 +42,6 @@ from .errors import TrimtabError
 
 __all__ = ["load_extension", "rms_norm", "rotary_embedding", "qlinear_pack", "qlinear", "qlinear_dequantize_rows"]
 
-_build_lock = threading.Lock()
-_library_path: Path | None = None  # set once the library is loaded in this process
-_build_error: TrimtabError | None = None  # a failed build is not retried in this process
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -109,33 +106,49 @@ def qlinear_dequantize_rows(packed: torch.Tensor, group_bits: torch.Tensor, grou
 
 
 @contextlib.contextmanager
-def _as_trimtab_error():
-    """The C++ checks' RuntimeError ("trimtab::<op>: <problem>") as a TrimtabError."""
+def as_trimtab_error(namespace: str = "trimtab"):
+    """The C++ checks' RuntimeError ("<namespace>::<op>: <problem>") as a TrimtabError."""
+    marker = namespace + "::"
     try:
         yield
     except RuntimeError as exc:
         message = str(exc)
-        if "trimtab::" not in message:
+        if marker not in message:
             raise
-        first = next((line for line in message.splitlines() if "trimtab::" in line), message)
-        raise TrimtabError(first[first.index("trimtab::"):].strip()) from None
+        first = next((line for line in message.splitlines() if marker in line), message)
+        raise TrimtabError(first[first.index(marker):].strip()) from None
+
+
+_as_trimtab_error = as_trimtab_error
+
+
+class OnceBuilt:
+    """A library built and loaded on first use, once per process (a failed build is not retried)."""
+
+    def __init__(self, build_and_load):
+        self._build_and_load = build_and_load
+        self._lock = threading.Lock()
+        self.path: Path | None = None
+        self._error: TrimtabError | None = None
+
+    def __call__(self) -> Path:
+        if self.path is not None:
+            return self.path
+        with self._lock:
+            if self.path is None:
+                if self._error is not None:
+                    raise self._error
+                try:
+                    self.path = self._build_and_load()
+                except TrimtabError as exc:
+                    self._error = exc
+                    raise
+        return self.path
 
 
 def load_extension() -> Path:
     """Build (first use only) and load the CPU engine; returns the loaded library's path."""
-    global _library_path, _build_error
-    if _library_path is not None:
-        return _library_path
-    with _build_lock:
-        if _library_path is None:
-            if _build_error is not None:
-                raise _build_error
-            try:
-                _library_path = _build_and_load()
-            except TrimtabError as exc:
-                _build_error = exc
-                raise
-    return _library_path
+    return _cpu_engine()
 
 
 # ---- building ------------------------------------------------------------------------
@@ -291,3 +304,6 @@ def _first_error_line(output: str) -> str:
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     errors = [line for line in lines if "error" in line.lower() and not line.startswith("Error building")]
     return (errors or lines or [""])[0][:300]
+
+
+_cpu_engine = OnceBuilt(_build_and_load)
