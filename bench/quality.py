@@ -55,7 +55,8 @@ def load_peak_bytes(model_dir: Path) -> int:
 
 def run_one(bits: float, group_size: int, work: Path, reference, ids: list[int], ctx: int, *, full: bool) -> dict:
     out = work / f"rtn-b{bits}-g{group_size}"
-    result = convert(ConvertOptions(input="default", output=str(out), bits=bits, group_size=group_size), progress=False)
+    result = convert(ConvertOptions(input="default", output=str(out), bits=bits, group_size=group_size, method="rtn"),
+                     progress=False)
     model = trimtab.load(out)
     row = {"bits": bits, "group_size": group_size, "bpw": result.bits_per_weight, "seconds": result.seconds,
            "size": result.size_bytes, "kld": evaluate.kl_divergence(model, reference, ids, ctx, progress=False)}

@@ -22,7 +22,7 @@ def dirs(tmp_path_factory):
     float_dir = tmp_path_factory.mktemp("float")
     write_tiny_model_dir("llama", float_dir)
     quantized = tmp_path_factory.mktemp("q") / "llama-4"
-    convert(ConvertOptions(str(float_dir), str(quantized), bits=4.0, group_size=32), progress=False)
+    convert(ConvertOptions(str(float_dir), str(quantized), bits=4.0, group_size=32, method="rtn"), progress=False)
     return float_dir, quantized
 
 

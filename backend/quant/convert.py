@@ -1,23 +1,26 @@
 """`trimtab convert`: a float model (HF dir, .gguf, or the embedded default) → a trimtab-quantized dir.
 
-    result = convert(ConvertOptions(input="default", output="out/smollm2-4.5", bits=4.5))
+    result = convert(ConvertOptions(input="default", output="out/smollm2-4", bits=4.0, calibration="text.txt"))
 
-Stages, each one function, in the order they run:
-  1. read_source   the float weights (GGUF dequantized by the GGUF loader), config, tokenizer files;
-  2. plan          which tensors are linear layers, their groups, and each group's width:
-                   the decoder's layers mix two adjacent widths to land at or just under -b
-                   (allocate.py, prioritised by the method's estimate), the head is all at -hb;
-  3. quantize      layer by layer with the method (rtn.py), into shards of the output dir;
-  4. finish        shards moved into place, tokenizer files, config.json with quantization_config.
-The output dir is also the work dir (output.py): it records the job, so that a later, calibrated
-method can keep its measurements and finished layers there and resume.
+Two methods (docs/CONVERT.md):
+  gptq (default)  calibrated: tokenize the calibration text (calibration.py) → measure every decoder
+                  linear's output error at each candidate layout (measure.py) → allocate one layout per
+                  layer to hit -b (allocate.py) → run the rows through the model layer by layer, each
+                  layer's inputs coming from the already-quantized layers before it, and quantize each
+                  linear with GPTQ on the Hessian of its inputs (gptq.py, layerwise.py) → pack;
+  rtn             no calibration: round-to-nearest with a range search, two adjacent widths mixed by a
+                  weight-range priority (rtn.py).
+Both end in `finish`: shards of at most -ss MB, tokenizer files, config.json with quantization_config.
+The output dir is also the work dir (output.py): it records the job, keeps the measurement and every
+finished layer, so a gptq convert that is interrupted resumes after the last finished layer.
 
 What is quantized: every 2-D `.weight` of the decoder except a mixture-of-experts router (tiny, and
 routing decisions are sensitive), each Mixtral expert's linears separately, and the output head.
 With tied embeddings the embedding matrix is stored once, as the quantized `lm_head`, and the loader
 reads embedding rows from it (llama.cpp does the same with a tied GGUF's token_embd); an untied
 model's embedding is stored as float16 (one row is read per token). Norms, biases and routers stay
-as they were.
+as they were. The head of a tied model is quantized by rtn even under gptq: its rows are also the
+embedding, whose own rows' error is what matters there, not the logits' error GPTQ would minimise.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from trimtab.backend.errors import ModelFileError, TrimtabError
 from trimtab.backend.gguf_loader import is_gguf_file, read_gguf
 from trimtab.backend.models import architecture_for, model_args
 from trimtab.backend.quant import qconfig, rtn
-from trimtab.backend.quant.allocate import LayerGroups, mix_adjacent_widths
+from trimtab.backend.quant.allocate import ALLOCATORS, LayerGroups, mix_adjacent_widths
 from trimtab.backend.quant.format import WIDTHS, split_groups
 from trimtab.backend.quant.output import OutputDir
 from trimtab.backend.tokenizer import Tokenizer
@@ -49,20 +52,32 @@ DEFAULT_GROUP_SIZE = 128           # measured on the default model: docs/FORMAT.
 DEFAULT_HEAD_BITS = 6
 DEFAULT_SHARD_MB = 8192
 MB = 1024 * 1024
-# method → (quantize one layer, per-group priority of a wider width)
-METHODS = {"rtn": (rtn.quantize_rtn, rtn.width_priority)}
+# rtn: (quantize one layer, per-group priority of a wider width); gptq is calibrated (calibrated.py)
+METHODS = {"gptq": None, "rtn": (rtn.quantize_rtn, rtn.width_priority)}
+MEASUREMENT_NAME = "measurement.json"
+# file names convert writes besides the model's weights and config.json
+RESERVED = Tokenizer.FILES + (MEASUREMENT_NAME,)
 
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    input: str                       # HF model dir, .gguf file, or "default"
-    output: str
-    bits: float                      # target bits per weight over the decoder's linear layers
-    head_bits: int = DEFAULT_HEAD_BITS
-    group_size: int = DEFAULT_GROUP_SIZE
-    method: str = "rtn"
-    shard_mb: int = DEFAULT_SHARD_MB
+    """ExLlamaV2's flags and defaults (-i -o -b -hb -l -r -mr -ml -ss -c -m -om), plus -g and --method."""
+    input: str                       # -i: HF model dir, .gguf file, or "default"
+    output: str                      # -o: output and work dir
+    bits: float = 4.125              # -b: target bits per weight over the decoder's linear layers
+    head_bits: int = DEFAULT_HEAD_BITS   # -hb
+    group_size: int = DEFAULT_GROUP_SIZE  # -g
+    method: str = "gptq"             # --method: gptq | rtn
+    shard_mb: int = DEFAULT_SHARD_MB  # -ss
     force: bool = False
+    length: int = 2048               # -l: tokens per calibration row
+    rows: int = 100                  # -r: calibration rows
+    measure_rows: int = 16           # -mr
+    measure_length: int = 2048       # -ml
+    calibration: str | None = None   # -c: .txt / .jsonl / .parquet; None: calibration.py's default
+    measurement: str | None = None   # -m: a measurement.json to reuse
+    measure_only: bool = False       # -om
+    allocation: str = "dp"           # how widths are allocated from the measurement (allocate.ALLOCATORS)
 
 
 @dataclass(frozen=True)
@@ -72,6 +87,8 @@ class ConvertResult:
     bits_per_weight: float           # decoder linear layers, every stored bit counted
     head_bits_per_weight: float
     seconds: float
+    resumed: bool = False            # a previous, interrupted run's finished layers were kept
+    starved: tuple[str, ...] = ()    # experts that saw too few calibration tokens (measure.py)
 
     @property
     def size_bytes(self) -> int:
@@ -84,6 +101,7 @@ class Source:
     config: dict
     weights: Mapping[str, torch.Tensor]          # HF names after the architecture's sanitize()
     write_tokenizer: Callable[[Path], tuple[str, ...]]
+    tokenizer: Tokenizer
 
 
 @dataclass(frozen=True)
@@ -108,16 +126,32 @@ def check_options(options: ConvertOptions) -> None:
         raise TrimtabError(f"--method must be one of {', '.join(METHODS)}, got {options.method!r}")
     if options.shard_mb < 1:
         raise TrimtabError(f"-ss must be at least 1 MB, got {options.shard_mb}")
+    for flag, value, least in (("-r", options.rows, 1), ("-l", options.length, 2), ("-mr", options.measure_rows, 1),
+                               ("-ml", options.measure_length, 2)):
+        if value < least:
+            raise TrimtabError(f"{flag} must be at least {least}, got {value}")
+    if options.allocation not in ALLOCATORS:
+        raise TrimtabError(f"allocation must be one of {', '.join(ALLOCATORS)}, got {options.allocation!r}")
+    if options.measurement is not None and not Path(options.measurement).expanduser().is_file():
+        raise TrimtabError(f"{options.measurement}: measurement (-m) not found")
+    if options.calibration is not None and not Path(options.calibration).expanduser().is_file():
+        raise TrimtabError(f"{options.calibration}: calibration text (-c) not found")
+    if options.method == "rtn" and (options.measure_only or options.measurement):
+        raise TrimtabError("-om and -m belong to the calibrated method (--method gptq); rtn measures nothing")
 
 
 def convert(options: ConvertOptions, *, progress: bool = True) -> ConvertResult:
     check_options(options)
     # every tokenizer file name is reserved: one left in the directory would be read with ours
-    OutputDir.check(options.output, reserved=Tokenizer.FILES, force=options.force)  # before the long work
+    OutputDir.check(options.output, reserved=RESERVED, force=options.force, source=options.input)  # before the work
     started = time.perf_counter()
     source = read_source(options.input)
+    if options.method == "gptq":
+        from trimtab.backend.quant.calibrated import convert_calibrated
+
+        return convert_calibrated(source, options, progress=progress, started=started)
     plans = plan(source, options, progress=progress)
-    out = OutputDir.claim(options.output, dataclasses.asdict(options), reserved=Tokenizer.FILES,
+    out = OutputDir.claim(options.output, dataclasses.asdict(options), reserved=RESERVED,
                           force=options.force, shard_bytes=options.shard_mb * MB)
     bits = quantize(source, plans, out, options.method, progress=progress)
     decoder_bpw = bits["decoder"][0] / bits["decoder"][1]
@@ -140,11 +174,13 @@ def read_source(name: str) -> Source:
                 if isinstance(config["quantization_config"], dict) else "?"
             raise TrimtabError(f"{path}: already quantized ({method}); convert takes a float model")
         weights = hf_loader.open_weights(path)
-        Tokenizer.from_dir(path)  # a broken tokenizer is reported now, not after quantizing
+        tokenizer = Tokenizer.from_dir(path)  # a broken tokenizer is reported now, not after quantizing
         write_tokenizer = _copier(path, tuple(n for n in Tokenizer.FILES if (path / n).is_file()))
     elif path.is_file() and is_gguf_file(path):
         contents = read_gguf(path)
         config, weights = contents.config, contents.weights
+        tokenizer = Tokenizer.from_parts(contents.tokenizer_json, contents.tokenizer_config,
+                                         contents.generation_config, origin=str(path))
         write_tokenizer = lambda out: hf_export.write_tokenizer_files(contents, out)  # noqa: E731
     elif not path.exists():
         raise ModelFileError(path, "no such file or directory")
@@ -152,7 +188,7 @@ def read_source(name: str) -> Source:
         raise ModelFileError(path, "not a model directory (config.json + safetensors) or a GGUF file")
     arch = architecture_for(config)
     model_args(arch, config)  # an unsupported config is reported before any work
-    return Source(path, config, arch.sanitize(weights), write_tokenizer)
+    return Source(path, config, arch.sanitize(weights), write_tokenizer, tokenizer)
 
 
 def _copier(directory: Path, names: tuple[str, ...]) -> Callable[[Path], tuple[str, ...]]:
@@ -170,13 +206,8 @@ def plan(source: Source, options: ConvertOptions, *, progress: bool = True) -> l
     from tqdm.auto import tqdm
 
     weights = source.weights
-    args = model_args(architecture_for(source.config), source.config)
-    head_source = EMBEDDING if args.tie_word_embeddings or f"{HEAD}.weight" not in weights else f"{HEAD}.weight"
-    if head_source not in weights:
-        raise ModelFileError(source.path, f"the checkpoint has no tensor {head_source!r}")
-    linears = [name for name in weights
-               if name.endswith(".weight") and name not in (EMBEDDING, f"{HEAD}.weight")
-               and not name.endswith(ROUTER_SUFFIX) and weights[name].dim() == 2]
+    head_source = head_source_of(source)
+    linears = decoder_linears(weights)
     priority_of = METHODS[options.method][1]
     groups = []
     for name in tqdm(linears, desc="Planning widths", unit="layer", disable=not progress, leave=False):
@@ -190,6 +221,23 @@ def plan(source: Source, options: ConvertOptions, *, progress: bool = True) -> l
     plans = [LayerPlan(g.name.removesuffix(".weight"), g.name, list(g.group_sizes), widths[g.name]) for g in groups]
     head_sizes = split_groups(weights[head_source].shape[1], options.group_size)
     return plans + [LayerPlan(HEAD, head_source, head_sizes, [options.head_bits] * len(head_sizes), is_head=True)]
+
+
+def head_source_of(source: Source) -> str:
+    """The float tensor the head is made from: lm_head.weight, or the embedding it is tied to."""
+    args = model_args(architecture_for(source.config), source.config)
+    weights = source.weights
+    head_source = EMBEDDING if args.tie_word_embeddings or f"{HEAD}.weight" not in weights else f"{HEAD}.weight"
+    if head_source not in weights:
+        raise ModelFileError(source.path, f"the checkpoint has no tensor {head_source!r}")
+    return head_source
+
+
+def decoder_linears(weights: Mapping[str, torch.Tensor]) -> list[str]:
+    """The weights of the decoder's linear layers that are quantized ([out, in], names ending in .weight)."""
+    return [name for name in weights
+            if name.endswith(".weight") and name not in (EMBEDDING, f"{HEAD}.weight")
+            and not name.endswith(ROUTER_SUFFIX) and weights[name].dim() == 2]
 
 
 # -- 3. quantize -----------------------------------------------------------------------------------
@@ -216,11 +264,22 @@ def quantize(source: Source, plans: list[LayerPlan], out: OutputDir, method: str
         totals = bits["head" if p.is_head else "decoder"]
         totals[0] += layer.bits()
         totals[1] += layer.in_features * layer.out_features
-    if EMBEDDING not in done:  # untied: the embedding is not the head
-        embedding = weights[EMBEDDING].to(torch.float16)
-        if not torch.isfinite(embedding).all():
-            raise TrimtabError(f"{source.path}: {EMBEDDING} holds values beyond float16's range")
-        out.add_tensors({EMBEDDING: embedding})
-        done.add(EMBEDDING)
-    out.add_tensors({name: weights[name] for name in weights if name not in done})
+    add_float_tensors(source, out, done)
     return bits
+
+
+def add_float_tensors(source: Source, out: OutputDir, done: set[str]) -> None:
+    """Everything not quantized (`done` names the tensors already written or dropped): an untied
+    model's embedding as float16, norms, routers, other biases as they are."""
+    weights = source.weights
+    if EMBEDDING not in done:  # untied: the embedding is not the head
+        out.add_tensors({EMBEDDING: float16_embedding(source)})
+        done = done | {EMBEDDING}
+    out.add_tensors({name: weights[name] for name in weights if name not in done})
+
+
+def float16_embedding(source: Source) -> torch.Tensor:
+    embedding = source.weights[EMBEDDING].to(torch.float16)
+    if not torch.isfinite(embedding).all():
+        raise TrimtabError(f"{source.path}: {EMBEDDING} holds values beyond float16's range")
+    return embedding

@@ -11,7 +11,11 @@ Rules:
 - re-using our own directory first removes the previous model's config.json, then its other files;
 - every file is written under a temporary name and renamed when complete; shards wait in WORK_DIR
   until the end, and config.json is written last, so an interrupted convert leaves no directory
-  that loads as a half-written model.
+  that loads as a half-written model;
+- a calibrated convert keeps each finished part (the head, each decoder layer) in WORK_DIR as its own
+  file (`save_part`) and counts it in the job record only once the file is complete, so a convert
+  that is interrupted (Ctrl-C, kill -9, power) and run again with the same options resumes after the
+  last finished part (`resume_or_claim`).
 """
 from __future__ import annotations
 
@@ -43,13 +47,19 @@ class OutputDir:
         self._shards: list[Path] = []       # complete shards in the work dir, in order
 
     @classmethod
-    def check(cls, path: str | os.PathLike, *, reserved: tuple[str, ...], force: bool) -> set[str]:
+    def check(cls, path: str | os.PathLike, *, reserved: tuple[str, ...], force: bool,
+              source: str | None = None) -> set[str]:
         """Refuse `path` by the rules above (changing nothing); → the names of our previous files there.
-        `reserved`: the file names convert writes besides the model files and config.json."""
+        `reserved`: the file names convert writes besides the model files and config.json. `source`: the
+        model being converted; a job of another model there is refused unless `force`."""
         path = Path(path).expanduser()
         if path.exists() and not path.is_dir():
             raise TrimtabError(f"{path}: exists and is not a directory")
         previous = _read_job(path / WORK_DIR / JOB)
+        before = ((previous or {}).get("options") or {}).get("input") if isinstance(previous, dict) else None
+        if source is not None and before is not None and before != source and not force:
+            raise TrimtabError(f"{path}: holds a convert of {before}, not of {source}; choose another directory, "
+                               "or pass --force to replace it")
         # only names convert writes count as ours: a hand-edited record cannot point elsewhere
         ours = {name for name in (previous or {}).get("files", [])
                 if isinstance(name, str) and _is_output_name(name, reserved)}
@@ -81,6 +91,45 @@ class OutputDir:
         out._save_job()
         return out
 
+    @classmethod
+    def resume_or_claim(cls, path: str | os.PathLike, options: dict, *, reserved: tuple[str, ...], force: bool,
+                        shard_bytes: int) -> tuple["OutputDir", bool]:
+        """Our unfinished job with the same options resumes (→ True); anything else starts afresh (claim)."""
+        cls.check(path, reserved=reserved, force=force, source=options.get("input"))
+        path = Path(path).expanduser()
+        previous = _read_job(path / WORK_DIR / JOB)
+        if previous is not None and previous.get("options") == options and previous.get("stage") not in ("done", None):
+            out = cls(path, previous, shard_bytes)
+            for stale in out.work.glob("shard-*.safetensors"):   # shards are rebuilt from the parts
+                stale.unlink()
+            return out, True
+        out = cls.claim(path, options, reserved=reserved, force=force, shard_bytes=shard_bytes)
+        for stale in list(out.work.glob("part-*.safetensors")):
+            stale.unlink()
+        return out, False
+
+    def update_job(self, **values) -> None:
+        self.job.update(values)
+        self._save_job()
+
+    def save_part(self, name: str, tensors: Mapping[str, torch.Tensor], **job_values) -> None:
+        """Keep a finished part in the work dir; the job counts it (job_values) once the file is complete."""
+        from safetensors.torch import save_file
+
+        tensors = {k: t.contiguous() for k, t in tensors.items()}
+        write_atomically(self.work / f"part-{name}.safetensors",
+                         lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        self.update_job(**job_values)
+
+    def read_part(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(self.work / f"part-{name}.safetensors")
+
+    def remove_parts(self) -> None:
+        for part in self.work.glob("part-*.safetensors"):
+            part.unlink()
+
     def add_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Queue one layer's tensors; they share a shard, which is written once it is full."""
         size = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -89,13 +138,15 @@ class OutputDir:
         self._pending.update({name: t.contiguous() for name, t in tensors.items()})
         self._pending_bytes += size
 
-    def finish(self, config: dict, write_tokenizer: Callable[[Path], tuple[str, ...]]) -> list[str]:
-        """Move the shards into place, write the index, tokenizer files and config.json (last)."""
+    def finish(self, config: dict, write_tokenizer: Callable[[Path], tuple[str, ...]],
+               extra: tuple[str, ...] = ()) -> list[str]:
+        """Move the shards into place, write the index, tokenizer files and config.json (last).
+        `extra`: files already written beside them (a measurement) that stay listed as ours."""
         self._flush()
         count = len(self._shards)
         names = ([SINGLE_WEIGHTS_NAME] if count == 1 else
                  [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
-        files = names + ([INDEX_NAME] if count > 1 else [])
+        files = list(extra) + names + ([INDEX_NAME] if count > 1 else [])
         self.job.update(stage="finish", files=files + [CONFIG_NAME])  # claimed before they are written
         self._save_job()
         from safetensors import safe_open

@@ -4,7 +4,10 @@
      "bits_per_weight": 4.497, "head_bits": 6, "group_size": 64}
 
 `bits` is the target the converter was given (-b), `bits_per_weight` what the decoder's linear
-layers measure with every stored bit counted, `head_bits` the output head's width (-hb).
+layers measure with every stored bit counted, `head_bits` the output head's width (-hb). A calibrated
+method (gptq) adds `calibration` (the text's name, -r rows of -l tokens, -mr rows of -ml tokens for the
+measurement) and `allocation` (how widths were chosen). Those keys are optional: directories written
+before them (rtn) load as they are.
 """
 from __future__ import annotations
 
@@ -15,13 +18,19 @@ from trimtab.backend.quant.format import WIDTHS
 
 QUANT_METHOD = "trimtab"
 FORMAT_VERSION = 1
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq")
 MIN_BITS, MAX_BITS = 2.0, 8.0
 
 
-def make(*, method: str, bits: float, bits_per_weight: float, head_bits: int, group_size: int) -> dict:
-    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "method": method, "bits": bits,
-            "bits_per_weight": round(bits_per_weight, 6), "head_bits": head_bits, "group_size": group_size}
+def make(*, method: str, bits: float, bits_per_weight: float, head_bits: int, group_size: int,
+         calibration: dict | None = None, allocation: str | None = None) -> dict:
+    block = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "method": method, "bits": bits,
+             "bits_per_weight": round(bits_per_weight, 6), "head_bits": head_bits, "group_size": group_size}
+    if calibration is not None:
+        block["calibration"] = calibration      # {"dataset", "rows", "length", "measurement_rows", "measurement_length"}
+    if allocation is not None:
+        block["allocation"] = allocation
+    return block
 
 
 def check(block, path: str | os.PathLike) -> dict:
@@ -53,6 +62,8 @@ def check(block, path: str | os.PathLike) -> dict:
         raise fail(f"'head_bits' must be one of {', '.join(map(str, WIDTHS))}, found {block.get('head_bits')!r}")
     if not _is_int(block.get("group_size")) or block["group_size"] < 1:
         raise fail(f"'group_size' must be a positive integer, found {block.get('group_size')!r}")
+    if "calibration" in block and not isinstance(block["calibration"], dict):
+        raise fail(f"'calibration' must be an object, found {block['calibration']!r}")
     return block
 
 

@@ -76,22 +76,24 @@ def _batches(group_sizes: Sequence[int], group_bits: Sequence[int]) -> dict[tupl
     return batches
 
 
-def quantize_groups(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_groups(w: torch.Tensor, bits: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w: [k, out, n] float32 (k groups of n rows, per output column) → q uint8 [k, out, n],
-    scales and mins float16 [k, out], each column's best of the candidates above."""
+    scales and mins float16 [k, out], each column's best of the candidates above. `bits`: one width,
+    or a width per (group, column) as an int tensor [k, out] (gptq.py searches several layouts at once)."""
     k, out, n = w.shape
     step = max(1, CHUNK_ELEMENTS // max(1, k * n))
     q = torch.empty(k, out, n, dtype=torch.uint8)
     scales = torch.empty(k, out, dtype=torch.float16)
     mins = torch.empty_like(scales)
     for c in range(0, out, step):
-        q[:, c:c + step], scales[:, c:c + step], mins[:, c:c + step] = _search(w[:, c:c + step], bits)
+        part = bits if isinstance(bits, int) else bits[:, c:c + step]
+        q[:, c:c + step], scales[:, c:c + step], mins[:, c:c + step] = _search(w[:, c:c + step], part)
     return q, scales, mins
 
 
 def _search(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # w: [k, c, n]; every tensor below without n is [k, c]
-    top, n = 2 ** bits - 1, w.shape[-1]
+    top, n = _top(bits), w.shape[-1]
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)
     w_sum = w.sum(dim=-1)
     w_spread = torch.linalg.vecdot(w, w) - w_sum * w_sum / n              # Σ (w - mean w)²
@@ -126,7 +128,13 @@ def _stored(scale, minimum):
 def _nearest(w, s, m, top):
     """The grid step nearest each weight: clamp(round((w - m) / s), 0, top); q = 0 where s = 0."""
     inv = torch.where(s > 0, 1 / s, 0.0)
-    return torch.addcmul((-m * inv)[..., None], w, inv[..., None]).round_().clamp_(0, top)
+    q = torch.addcmul((-m * inv)[..., None], w, inv[..., None]).round_()
+    return q.clamp_(0, top) if isinstance(top, int) else torch.minimum(q.clamp_(min=0), top[..., None], out=q)
+
+
+def _top(bits: int | torch.Tensor) -> int | torch.Tensor:
+    """The largest q: 2^bits - 1 (a float tensor [k, c] for per-column widths)."""
+    return 2 ** bits - 1 if isinstance(bits, int) else (2.0 ** bits.float()) - 1
 
 
 def _fit(w, q, w_sum):
