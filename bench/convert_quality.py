@@ -204,11 +204,34 @@ def write_report(args, work: Path, models: dict, scores: dict) -> None:
                       if (key.startswith(method + "-") or key.startswith(method + "@")) and key != "llama.cpp-Q4_1")
 
     quality_rows = [["float (GGUF Q4_1 dequantized)", "—", "—", "0", "100%", f"{float_ppl:.3f}"]]
-    shown = set()
+    # targets that reached the same layout (same method, same bpw) share one row naming them all
+    same_layout: dict[tuple, list[str]] = {}
     for key, r in sorted(results.items(), key=lambda item: item[1]["bpw"]):
-        if r["path"] not in shown:                   # a stand-in (gptq@Q8_0 is gptq -b 8) is listed once
-            shown.add(r["path"])
-            quality_rows.append(cells(label(key), r))
+        method = "gptq" if key.startswith("gptq") else key
+        same_layout.setdefault((method, round(r["bpw"], 3)), []).append(key)
+    def shared_label(keys):                          # "trimtab gptq -b 6, 8 = at Q4_K_M/Q6_K's size"
+        if len(keys) == 1:
+            return label(keys[0])
+        targets = sorted(float(key[5:]) for key in keys if "@" not in key)
+        sizes = [key.split("@")[1] for key in keys if "@" in key]
+        named = ([f"-b {', '.join(f'{t:g}' for t in targets)}"] if targets else []) + (
+            [f"at {'/'.join(sizes)}'s size"] if sizes else [])
+        return "trimtab gptq " + " = ".join(named)
+
+    for keys in same_layout.values():
+        quality_rows.append(cells(shared_label(keys), results[keys[0]]))
+    gptq_top = max(r["bpw"] for key, r in results.items() if key.startswith("gptq"))
+    def target(key):                                 # the bpw a gptq key asked for
+        return results[f"llama.cpp-{key[5:]}"]["bpw"] if "@" in key else float(key[5:])
+
+    stopped = sorted(target(key) for key, r in results.items()
+                     if key.startswith("gptq") and round(r["bpw"], 3) == round(gptq_top, 3))
+    saturation = (
+        f"Every gptq target from {stopped[0]:.3f} bpw up stops at {gptq_top:.3f} bpw: there the "
+        f"measured output error of every linear layer is already zero (the float model is itself Q4_1, whose grid "
+        f"4-bit groups of 32 reproduce), so the allocator spends no more bits; the KLD left is not the linear "
+        f"layers' (the head is 6-bit).\n\n"
+    ) if len(stopped) > 1 else ""
     # the target: below llama.cpp at every bpw from 3 to 6; measured at each k-quant's own size
     verdicts = []
     for kind in LLAMA_CPP_TYPES:
@@ -229,7 +252,8 @@ def write_report(args, work: Path, models: dict, scores: dict) -> None:
         f"model's own weights run by llama.cpp: the two engines' numerical difference, a floor for its rows.\n\n"
         + markdown_table(["model", "bpw", "head bpw", "KLD", "top-1 agree", "ppl"], quality_rows)
         + "\n\n![KLD vs bpw](docs/quality_vs_bits.png)\n\n"
-        "Against each llama.cpp k-quant: trimtab gptq converted with `-b` at that k-quant's bpw (rounded down), "
+        + saturation
+        + "Against each llama.cpp k-quant: trimtab gptq converted with `-b` at that k-quant's bpw (rounded down), "
         "and how many times lower its KLD is.\n\n"
         + markdown_table(["llama.cpp", "bpw", "KLD", "trimtab gptq bpw", "KLD", "llama.cpp KLD / trimtab KLD"],
                          verdicts)
