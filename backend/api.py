@@ -138,6 +138,16 @@ class Model:
                 f"vocab {a.vocab_size}, device {self.transformer.device})")
 
 
+def _compute_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if isinstance(dtype, torch.dtype) and dtype in COMPUTE_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in COMPUTE_DTYPES:
+        return COMPUTE_DTYPES[dtype]
+    raise TrimtabError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
+
+
 def resolve_device(device: str) -> torch.device:
     if device not in DEVICES:
         raise TrimtabError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
@@ -165,21 +175,28 @@ def _read_source(path: Path):
     raise ModelFileError(path, "not a model directory (config.json + safetensors) or a GGUF file")
 
 
-def load(path: str | os.PathLike | None = None, *, device: str = "cpu", tensor_parallel: int | None = None) -> Model:
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load(path: str | os.PathLike | None = None, *, device: str = "cpu", tensor_parallel: int | None = None,
+         dtype: str | torch.dtype | None = None) -> Model:
     """Load a Hugging Face model dir, a trimtab-quantized dir (`trimtab convert`), a .gguf file, or
     (None / "default") the embedded default model.
+
+    dtype: the activations' (and float weights') dtype: float32, bfloat16 or float16; by default
+    float32 on the CPU and bfloat16 on a GPU.
 
     tensor_parallel=N: this process is one of N started by torchrun and holds its share of every
     layer (backend/tensor_parallel.py); every rank runs the same calls and gets the same results."""
     device = resolve_device(device)
+    compute_dtype = _compute_dtype(dtype, device)
     tp = SINGLE if tensor_parallel is None else TensorParallel.from_environment(device, tensor_parallel)
     source = default_model_path() if path in (None, "default") else Path(path).expanduser()
     config, weights, tokenizer = _read_source(source)
     try:
         arch = architecture_for(config)
         args = model_args(arch, config)
-        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-        transformer = arch.Model(args, arch.sanitize(weights), dtype=dtype, device=device, tp=tp)
+        transformer = arch.Model(args, arch.sanitize(weights), dtype=compute_dtype, device=device, tp=tp)
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"{source}: {e}") from None
     name = "default" if path in (None, "default") else str(source)

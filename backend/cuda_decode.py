@@ -4,10 +4,14 @@
     logits = decoder.prefill(tokens, cache)    # tokens [1, S] int64: chunked prefill → [V] float32 (last token)
     logits = decoder.step(token, cache)        # one token: fills slot cache.length, advances the cache → [V]
 
-A decode step launches about 25 kernels per layer (RMSNorm, the q/k/v/o and MLP GEMVs, rotary, the
-KV write, SDPA); launched one by one from Python that costs more host time than the GPU needs for
-the weights (docs/CUDA.md), so the whole step is captured once into a CUDA graph and replayed per
-token. The graph reads the token and the position from device tensors written before each replay,
+Op by op, a decode step is about 36 kernels a layer (RMSNorm, the q/k/v/o and MLP GEMVs, rotary,
+the KV write, SDPA, casts and adds); launched one by one from Python that costs more host time than
+the GPU needs for the weights (docs/CUDA.md), so the whole step is captured once into a CUDA graph
+and replayed per token. Where trimtab's decode kernels serve the model (head_dim 64/128/256, up to 8
+query heads per KV head) a layer is 9 kernels: RMSNorm, the q, k, v GEMVs, rotary + KV write,
+attention split over the cache (flash-decoding), the o GEMV adding the residual, RMSNorm, the gate and
+up GEMVs, and the down GEMV that takes silu(gate)·up as its input and adds the residual (a float
+linear runs those last two as torch ops). The graph reads the token and the position from device tensors written before each replay,
 attends over the whole static cache under a mask built from the position, and writes the logits
 into a static tensor (valid until the next step). A new cache object is captured anew. Batch 1,
 full or sliding-window attention, HF (non-interleaved) rotary.
@@ -17,9 +21,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trimtab.backend import ops
+from trimtab.backend import cuda_ops, ops
 from trimtab.backend.errors import TrimtabError
 from trimtab.backend.kv_cache import KVCache
+from trimtab.backend.quant.cuda_linear import CudaPackedLinear
 
 
 class CudaGraphDecoder:
@@ -32,6 +37,8 @@ class CudaGraphDecoder:
         self.prefill_chunk = prefill_chunk
         self.cache: KVCache | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
+        attn = model.layers[0].self_attn
+        self.fused = cuda_ops.attention_supported(attn.head_dim, attn.num_heads // attn.num_kv_heads)
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -107,6 +114,12 @@ class CudaGraphDecoder:
         # warm-up and capture write keys/values of a dummy token into slot cache.length, which the
         # next real step rewrites before anything attends to it
         self.position.fill_(cache.length)
+        if self.fused:
+            attn = self.model.layers[0].self_attn
+            self.first_slot = cache.pad[:1]
+            self.attention_workspace = torch.empty(
+                cuda_ops.attention_workspace(attn.num_kv_heads, cache.max_len, attn.head_dim), device=device)
+            self.attention_counters = torch.zeros(attn.num_kv_heads, dtype=torch.int32, device=device)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):  # warm-up off the default stream, as capture needs
@@ -120,6 +133,29 @@ class CudaGraphDecoder:
 
     def _step_ops(self, cache: KVCache) -> torch.Tensor:
         """One decode step as device ops only (no host syncs): captured into the graph."""
+        return self._fused_step_ops(cache) if self.fused else self._torch_step_ops(cache)
+
+    def _fused_step_ops(self, cache: KVCache) -> torch.Tensor:
+        """The step through trimtab's decode kernels: 9 launches a layer (module docstring)."""
+        m = self.model
+        rope, rotary_dim = m.rope, m.args.rotary_dim
+        x = m.embed(self.token).view(1, -1)                                 # [1, D]
+        for layer in m.layers:
+            attn = layer.self_attn
+            h = cuda_ops.rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.eps)
+            keys, values = cache.keys[layer.index], cache.values[layer.index]  # [1, H_kv, T, hd]
+            q = cuda_ops.rotary_kv(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), keys, values, self.position,
+                                   rope.inv_freq, rope.attention_scaling, attn.head_dim, rotary_dim)  # [1, H·hd]
+            out = cuda_ops.decode_attention(q, keys, values, self.position, self.first_slot,
+                                            self.attention_workspace, self.attention_counters,
+                                            attn.head_dim ** -0.5, layer.sliding_window or 0)
+            x = _linear_plus(attn.o_proj, out, x)
+            h = cuda_ops.rms_norm(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
+            mlp = layer.mlp
+            x = _gated_linear_plus(mlp.down_proj, mlp.gate_proj(h), mlp.up_proj(h), x)
+        return m.lm_head(cuda_ops.rms_norm(x, m.norm.weight, m.norm.eps)).float().view(-1)   # [V]
+
+    def _torch_step_ops(self, cache: KVCache) -> torch.Tensor:
         m = self.model
         args = m.args
         x = m.embed(self.token)                                             # [1, 1, D]
@@ -155,6 +191,20 @@ class CudaGraphDecoder:
         q = q.view(1, attn.num_kv_heads, attn.num_heads // attn.num_kv_heads, attn.head_dim)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return attn.o_proj(out.reshape(1, 1, attn.num_heads * attn.head_dim))
+
+
+def _linear_plus(linear, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + linear(x), the add inside the GEMV where the layer is quantized."""
+    if isinstance(linear, CudaPackedLinear):
+        return linear.gemv(x, residual=residual)
+    return residual + linear(x)
+
+
+def _gated_linear_plus(linear, gate: torch.Tensor, up: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + linear(silu(gate)·up), the activation and the add inside the GEMV where quantized."""
+    if isinstance(linear, CudaPackedLinear):
+        return linear.gemv(up, gate=gate, residual=residual)
+    return residual + linear(F.silu(gate) * up)
 
 
 def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:

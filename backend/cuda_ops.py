@@ -3,8 +3,12 @@
     from trimtab.backend import cuda_ops
     cuda_ops.available()                                    # a CUDA GPU and a CUDA build of torch
     words = cuda_ops.qrepack(qweight, repack, meta, word_rows, out_pad)        # canonical → GPU layout
-    y = cuda_ops.qgemv(x, in_features, words, scale_min, meta, xmap, bias, out, workspace, counters, target_blocks)
+    y = cuda_ops.qgemv(x, in_features, words, scale_min, meta, xmap, bias, out, workspace, counters, target_blocks,
+                       gate=None, residual=None)     # y = residual + bias + (silu(gate)·x) Wᵀ
     cuda_ops.qdequantize_t(wt, words, scale_min, meta, xmap, out, col_begin, col_end)
+    y = cuda_ops.rms_norm(x, weight, eps)                                       # one decode step's
+    q = cuda_ops.rotary_kv(q, k, v, keys, values, position, inv_freq, scaling, head_dim, rotary_dim)
+    out = cuda_ops.decode_attention(q, keys, values, position, first_slot, workspace, counters, scale, window)
 
 The layout and the kernels are described in docs/CUDA.md; backend/quant/cuda_linear.py is their
 one user. Building mirrors backend/ops.py: ``torch.utils.cpp_extension.load`` compiles
@@ -31,7 +35,8 @@ from .errors import TrimtabError
 from .ops import OnceBuilt, _build_root, _first_error_line, as_trimtab_error
 
 __all__ = ["available", "load_extension", "qrepack", "qgemv", "qgemv_workspace", "qgemv_counters", "qdequantize_t",
-           "multiprocessor_count"]
+           "multiprocessor_count", "rms_norm", "rotary_kv", "decode_attention",
+           "attention_workspace", "attention_supported"]
 
 
 
@@ -47,13 +52,49 @@ def qrepack(qweight, repack, meta, word_rows: int, out_pad: int) -> torch.Tensor
 
 
 def qgemv(x, in_features: int, words, scale_min, meta, xmap, bias, out: int, workspace, counters,
-          target_blocks: int) -> torch.Tensor:
-    """x: [batch <= 8, in] → [batch, out] in x's dtype (float16 or bfloat16); K is split so that the
+          target_blocks: int, gate=None, residual=None) -> torch.Tensor:
+    """x: [batch <= 8, in] → [batch, out] in x's dtype (float16, bfloat16 or float32):
+    residual + bias + u Wᵀ with u = x, or silu(gate)·x given gate (x's shape); K is split so that the
     grid has about `target_blocks` blocks."""
     load_extension()
     with _as_trimtab_error():
         return torch.ops.trimtab_cuda.qgemv(x, in_features, words, scale_min, meta, xmap, bias, out, workspace,
-                                            counters, target_blocks)
+                                            counters, target_blocks, gate, residual)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF RMSNorm over x's last dim (contiguous; weight of x's dtype) in one kernel."""
+    load_extension()
+    with _as_trimtab_error():
+        return torch.ops.trimtab_cuda.rms_norm(x, weight, eps)
+
+
+def rotary_kv(q, k, v, keys, values, position, inv_freq, scaling: float, head_dim: int, rotary_dim: int):
+    """One token's q [Hq·hd], k, v [Hkv·hd] → rotated q; rotated k and v written into the cache
+    keys/values [1, Hkv, slots, hd] at slot `position` (a device int64 tensor)."""
+    load_extension()
+    with _as_trimtab_error():
+        return torch.ops.trimtab_cuda.rotary_kv(q, k, v, keys, values, position, inv_freq, scaling, head_dim,
+                                                rotary_dim)
+
+
+def decode_attention(q, keys, values, position, first_slot, workspace, counters, scale: float, window: int):
+    """One token's attention: q [Hq·hd] over cache slots [max(first_slot, position − window + 1),
+    position] (window 0: none) → [Hq·hd] in q's dtype."""
+    load_extension()
+    with _as_trimtab_error():
+        return torch.ops.trimtab_cuda.decode_attention(q, keys, values, position, first_slot, workspace, counters,
+                                                       scale, window)
+
+
+def attention_workspace(kv_heads: int, slots: int, head_dim: int) -> int:
+    load_extension()
+    return torch.ops.trimtab_cuda.attention_workspace(kv_heads, slots, head_dim)
+
+
+def attention_supported(head_dim: int, group: int) -> bool:
+    load_extension()
+    return torch.ops.trimtab_cuda.attention_supported(head_dim, group)
 
 
 def qgemv_workspace(words, scale_min, meta, out: int, batch: int, target_blocks: int) -> int:

@@ -105,7 +105,7 @@ CHECK_CASES = [  # (in, out, widths (cycled over groups), group size, act-order)
     (300, 50, (8, 3, 2), 100, True),                 # groups not a multiple of 32 rows
     (14336, 256, (4,), 128, False),
 ]
-TOLERANCE = {"float16": 4e-3, "bfloat16": 1.2e-2}
+TOLERANCE = {"float16": 4e-3, "bfloat16": 1.2e-2, "float32": 4e-3}
 
 
 def check_kernels() -> list[dict]:
@@ -120,7 +120,7 @@ def check_kernels() -> list[dict]:
         layer = random_layer(in_f, out_f, widths, sizes, perm)
         bias = torch.randn(out_f) * 0.1
         w_ref = qformat.dequantize(layer).cuda()  # [out, in] float32, the reference (on the CPU)
-        for dtype in (torch.float16, torch.bfloat16):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
             poison_allocator(torch)
             linear = CudaPackedLinear(layer, bias, "cuda", dtype)
             errors = {"dequantize": relative_error(torch, linear.dequantized(torch.float32), w_ref)}
@@ -232,7 +232,7 @@ def time_kernels(results: dict) -> None:
         x = torch.randn(1, k, dtype=torch.half, device="cuda")
         default_blocks = CudaPackedLinear.blocks_per_multiprocessor
         for label, bpw, blocks in (("trimtab", 4.0, default_blocks), ("trimtab_4bit", 4.25, default_blocks),
-                                   ("trimtab_2_blocks_per_sm", 4.0, 2), ("trimtab_6_blocks_per_sm", 4.0, 6)):
+                                   ("trimtab_2_blocks_per_sm", 4.0, 2), ("trimtab_8_blocks_per_sm", 4.0, 8)):
             layers = [bench_layer(k, n, bpw) for _ in range(COPIES)]
             CudaPackedLinear.blocks_per_multiprocessor = blocks  # the K split's target (docs/CUDA.md)
             linears = [CudaPackedLinear(layer, None, "cuda", torch.float16) for layer in layers]
@@ -273,7 +273,7 @@ def time_exllamav2_kernels(results: dict) -> None:
     if exl_ext is None:
         return
     for name, (k, n) in SHAPES.items():
-        row = results["shapes"].setdefault(name, {})
+        row = results.setdefault("shapes", {}).setdefault(name, {})
         x = torch.randn(1, k, dtype=torch.half, device="cuda")
         mats = [exl2_matrix(torch, exl_ext, k, n) for _ in range(COPIES)]
         c = torch.empty(1, n, dtype=torch.half, device="cuda")
@@ -332,13 +332,14 @@ def llama3_8b_model(quantized: bool, bpw: float = 4.0):
     return model
 
 
-def measure_model(model, context: int, decode_tokens: int = 64) -> dict:
+def measure_model(model, context: int, decode_tokens: int = 64, fused: bool = True) -> dict:
     """Prefill of `context` tokens (median of 3) and decode tok/s at that context: one graph replay,
     argmax and host sync per token (as ExLlamaV2's test_inference -s measures)."""
     import torch
     from trimtab.backend.cuda_decode import CudaGraphDecoder
 
     decoder = CudaGraphDecoder(model)
+    decoder.fused = decoder.fused and fused
     vocab = model.args.vocab_size
     tokens = torch.randint(0, vocab, (1, context), device="cuda")
     prefill = []
@@ -376,14 +377,16 @@ def time_end_to_end(results: dict, context: int = 1024) -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)  # its per-call planning costs ~1.35 ms a layer (peers README)
     decode, prefill = results.setdefault("decode_tok_s", {}), results.setdefault("prefill_1024_tok_s", {})
     notes = results.setdefault("end_to_end", {})
-    for label, quantized in (("trimtab_4bpw", True), ("fp16", False)):
+    for quantized in (True, False):
         started = time.perf_counter()
         model = llama3_8b_model(quantized)
         built = time.perf_counter() - started
-        figures = measure_model(model, context)
-        decode[label], prefill[label] = figures["decode_tok_s"], figures["prefill_tok_s"]
-        notes[label] = {**figures, "build_s": built, "gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9}
-        print(f"end to end {label}: {json.dumps(notes[label])}", flush=True)
+        for fused in (True, False):  # trimtab's decode kernels, or the same step as torch ops
+            label = ("trimtab_4bpw" if quantized else "fp16") + ("" if fused else "_torch_ops")
+            figures = measure_model(model, context, fused=fused)
+            decode[label], prefill[label] = figures["decode_tok_s"], figures["prefill_tok_s"]
+            notes[label] = {**figures, "build_s": built, "gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9}
+            print(f"end to end {label}: {json.dumps(notes[label])}", flush=True)
         del model
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -417,35 +420,48 @@ def greedy_tokens(model, prompt_ids, steps: int):
 
 
 def compare_greedy(results: dict, quantized: Path, steps: int = 64) -> None:
-    """Greedy tokens of the CPU path (float32) against the GPU: load(device="cuda") (bfloat16,
-    op by op), the same weights in float16, and the CUDA graph decoder on the float16 model."""
+    """Greedy tokens of the CPU path (trimtab.load(device="cpu"): float32, the fused C++ decoder)
+    against the GPU path, trimtab.load(device="cuda") (prefill op by op, then the CUDA graph decoder)
+    in float32, bfloat16 (the default) and float16; with each engine's top-2 logit margin at the
+    first difference (a near-tie there explains it)."""
     import torch
     import trimtab
-    from trimtab.backend import api
-    from trimtab.backend.cuda_decode import CudaGraphDecoder
+
+    from trimtab.backend.fused_decode import FusedDecoder
+    from trimtab.backend.quant.kernels import CpuPackedLinear
 
     prompt = "The three primary colours are"
     cpu = trimtab.load(str(quantized), device="cpu")
     ids = cpu.tokenizer.encode(prompt)
     cpu_tokens, cpu_margins = greedy_tokens(cpu.transformer, ids, steps)
-    config, weights, _ = api._read_source(quantized)
-    arch = api.architecture_for(config)
-    fp16 = arch.Model(api.model_args(arch, config), arch.sanitize(weights), dtype=torch.float16, device="cuda")
-    runs = {"cuda_bfloat16": greedy_tokens(trimtab.load(str(quantized), device="cuda").transformer, ids, steps)[0],
-            "cuda_float16": greedy_tokens(fp16, ids, steps)[0]}
-    decoder, cache = CudaGraphDecoder(fp16), fp16.new_cache(1, len(ids) + steps + 1)
-    logits, graph_tokens = decoder.prefill(torch.tensor([ids], device="cuda"), cache), []
-    for _ in range(steps):
-        graph_tokens.append(int(logits.argmax()))
-        logits = decoder.step(graph_tokens[-1], cache)
-    runs["cuda_float16_graph"] = graph_tokens
     greedy = results["greedy"] = {"model": quantized.name, "steps": steps, "cpu_tokens": cpu_tokens}
-    for label, tokens in runs.items():
+    # the CPU path with float32 activations everywhere (its default quantizes them to int8 per block)
+    model = cpu.transformer
+    for layer in model.layers:
+        for linear in (*vars(layer.self_attn).values(), *vars(layer.mlp).values()):
+            if isinstance(linear, CpuPackedLinear):
+                linear.kernel = "fp32"
+    if isinstance(model.lm_head, CpuPackedLinear):
+        model.lm_head.kernel = "fp32"
+    model.fused_decoder = FusedDecoder.build(model, kernel="fp32")
+    fp32_tokens, fp32_margins = greedy_tokens(model, ids, steps)
+    for dtype in ("float32", "bfloat16", "float16"):
+        gpu = trimtab.load(str(quantized), device="cuda", dtype=dtype)
+        tokens, margins = greedy_tokens(gpu.transformer, ids, steps)
+        del gpu
         same = next((i for i, (a, b) in enumerate(zip(cpu_tokens, tokens)) if a != b), steps)
-        greedy[label] = {"equal_tokens": same, "tokens": tokens,
-                         "cpu_margin_at_first_difference": cpu_margins[same] if same < steps else None}
-        print(f"greedy {label}: {same}/{steps} tokens equal to the CPU's"
-              + (f"; the CPU's top-2 logit margin there {cpu_margins[same]:.4f}" if same < steps else ""), flush=True)
+        same_fp32 = next((i for i, (a, b) in enumerate(zip(fp32_tokens, tokens)) if a != b), steps)
+        greedy[f"cuda_{dtype}"] = {
+            "equal_tokens": same, "tokens": tokens,
+            "cpu_margin_at_first_difference": cpu_margins[same] if same < steps else None,
+            "gpu_margin_at_first_difference": margins[same] if same < steps else None,
+            "equal_tokens_cpu_fp32": same_fp32,
+            "cpu_fp32_margin_at_first_difference": fp32_margins[same_fp32] if same_fp32 < steps else None,
+            "gpu_margin_at_first_difference_fp32": margins[same_fp32] if same_fp32 < steps else None}
+        print(f"greedy cuda {dtype}: {same_fp32}/{steps} equal to the CPU's with float32 activations; "
+              f"{same}/{steps} tokens equal to the CPU's default"
+              + (f"; top-2 logit margins there: CPU {cpu_margins[same]:.4f}, GPU {margins[same]:.4f}"
+                 if same < steps else ""), flush=True)
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -454,55 +470,69 @@ def report(path: Path) -> None:
     r = json.loads(path.read_text())
     copy = r.get("copy_tbps")
     fmt = lambda v, spec=",.0f": format(v, spec) if isinstance(v, (int, float)) else "n/a"  # noqa: E731
+    ratio = lambda a, b: f"{a / b:.2f}×" if isinstance(a, (int, float)) and b else "n/a"  # noqa: E731
     rows = []
     for name, s in r.get("shapes", {}).items():
         t, e, f = s.get("trimtab_us"), s.get("exllamav2_us"), s.get("fp16_us")
         rows.append([name, fmt(t, ".1f"), f"{s['trimtab_tbps'] / copy:.0%}", fmt(s.get("trimtab_4bit_us"), ".1f"),
-                     fmt(s.get("trimtab_2_blocks_per_sm_us"), ".1f"), fmt(s.get("trimtab_6_blocks_per_sm_us"), ".1f"),
-                     fmt(e, ".1f"), f"{e / t:.2f}×" if e else "n/a", fmt(f, ".1f"), f"{f / t:.2f}×"])
+                     fmt(s.get("trimtab_2_blocks_per_sm_us"), ".1f"), fmt(s.get("trimtab_8_blocks_per_sm_us"), ".1f"),
+                     fmt(e, ".1f"), ratio(e, t), fmt(f, ".1f"), ratio(f, t)])
     d, p = r.get("decode_tok_s", {}), r.get("prefill_1024_tok_s", {})
     e2e = r.get("end_to_end", {})
+    engines = [("trimtab 4.0 bpw, trimtab's decode kernels", "trimtab_4bpw"),
+               ("trimtab 4.0 bpw, the same step as torch ops", "trimtab_4bpw_torch_ops"),
+               ("fp16 (cuBLAS, trimtab's other decode kernels)", "fp16"),
+               ("fp16 (cuBLAS, torch ops)", "fp16_torch_ops"),
+               ("ExLlamaV2 0.3.2, 4.0 bpw", "exllamav2_4bpw")]
+    engine_rows = [[label, fmt(d.get(key), ".1f"), fmt(e2e.get(key, {}).get("graph_step_ms"), ".2f"), fmt(p.get(key))]
+                   for label, key in engines if key in d]
+    exl_note = ("ExLlamaV2's kernel and end to end were measured in the same run (its PyPI wheel, JIT-built there)."
+                if any("exllamav2_us" in s for s in r.get("shapes", {}).values()) else
+                "ExLlamaV2 was not measured in this run (its JIT build had not finished).")
     body = (
         f"Card: **{r.get('card')}** (torch {r.get('torch')}); every figure below was measured on it in one run of "
         f"`bench/gpu_bench.py` on {r.get('date')} and is rendered here from `bench/results/gpu.json` by "
-        "`bench/gpu_bench.py --report` (the machine line above names where the report was rendered, not the card).\n\n"
+        "`bench/gpu_bench.py --report` (the machine line above names where the report was rendered, not the card). "
+        f"{exl_note}\n\n"
         f"Copy bandwidth (read + write): {copy:.2f} TB/s. GEMV, batch 1, float16 activations, µs per call, every "
         "engine timed the same way (a CUDA graph of 100 calls rotating over 8 weight copies so that L2 cannot help, "
         "median of 5); shapes in×out. trimtab at 4.0 bpw counts every stored bit (a quarter of the groups 3-bit, "
         "the rest 4-bit, an fp16 scale and min per group of 128 rows and column); '4-bit' is every group 4-bit "
-        "(4.25 bpw); the two columns after it aim the K split at 2 and 6 blocks per multiprocessor instead of 4. "
-        "'% copy' is the bytes trimtab reads per second over the copy bandwidth. ExLlamaV2's kernel was not timed in "
-        "this run (its JIT build did not finish within the run; bench/peers/README.md gives its figures from the "
-        "peers' harness on the same kind of card).\n\n"
-        + markdown_table(["shape", "trimtab 4.0 bpw µs", "% copy", "4-bit µs", "2 blocks/SM µs", "6 blocks/SM µs",
+        "(4.25 bpw); the two columns after it aim the K split at 2 and 8 blocks per multiprocessor instead of 4. "
+        "'% copy' is the bytes trimtab reads per second over the copy bandwidth.\n\n"
+        + markdown_table(["shape", "trimtab 4.0 bpw µs", "% copy", "4-bit µs", "2 blocks/SM µs", "8 blocks/SM µs",
                           "ExLlamaV2 µs", "ExLlamaV2 / trimtab", "fp16 cuBLAS µs", "fp16 / trimtab"], rows)
         + "\n\nLlama-3-8B shapes (32 layers, hidden 4096, MLP 14336, 8 KV heads, vocab 128256), random weights, "
         "batch 1, float16 activations. Decode at context 1024: one CUDA graph replay per token "
         "(`backend/cuda_decode.py`), argmax and a host sync per token; 'graph ms' is the graph alone. Prefill: 1024 "
-        "tokens in one chunk. trimtab's body at 4.0 bpw, its head 6-bit; the fp16 model runs the same decoder with "
-        "cuBLAS.\n\n"
-        + markdown_table(["engine", "decode tok/s", "graph ms / token", "prefill 1024 tok/s"],
-                         [["trimtab 4.0 bpw", fmt(d.get("trimtab_4bpw"), ".1f"),
-                           fmt(e2e.get("trimtab_4bpw", {}).get("graph_step_ms"), ".2f"), fmt(p.get("trimtab_4bpw"))],
-                          ["fp16 (same decoder, cuBLAS)", fmt(d.get("fp16"), ".1f"),
-                           fmt(e2e.get("fp16", {}).get("graph_step_ms"), ".2f"), fmt(p.get("fp16"))],
-                          ["ExLlamaV2 0.3.2, 4.0 bpw", fmt(d.get("exllamav2_4bpw"), ".1f"), "n/a",
-                           fmt(p.get("exllamav2_4bpw"))]])
+        "tokens in one chunk. trimtab's body at 4.0 bpw, its head 6-bit. 'trimtab's decode kernels': RMSNorm, "
+        "rotary + KV write and split attention as one kernel each, the residual adds and SiLU·up inside the GEMVs; "
+        "'torch ops': the same step through PyTorch ops (SDPA).\n\n"
+        + markdown_table(["engine", "decode tok/s", "graph ms / token", "prefill 1024 tok/s"], engine_rows)
     )
     if "greedy" in r:
         g = r["greedy"]
-        for label in ("cuda_bfloat16", "cuda_float16", "cuda_float16_graph"):
-            if label in g:
-                run = g[label]
-                body += (f"\n\nGreedy tokens on `{g['model']}`, GPU `{label}` against the CPU path: "
-                         f"{run['equal_tokens']} of {g['steps']} equal"
-                         + (f" (the CPU's top-2 logit margin at the first difference: "
-                            f"{run['cpu_margin_at_first_difference']:.4f})" if run['equal_tokens'] < g['steps'] else "")
-                         + ".")
-        graph, op_by_op = g.get("cuda_float16_graph", {}).get("tokens"), g.get("cuda_float16", {}).get("tokens")
-        if graph and op_by_op:
-            same = sum(a == b for a, b in zip(graph, op_by_op))
-            body += f" The CUDA graph decoder against the same model op by op: {same} of {len(graph)} tokens equal."
+        body += (f"\n\nGreedy tokens on `{g['model']}` (the embedded default model converted by trimtab), 64 steps "
+                 "after the prompt, `trimtab.load(device=\"cuda\", dtype=...)` against `trimtab.load(device=\"cpu\")`; "
+                 "at the first difference, each engine's top-2 logit margin (a near-tie shows as a small margin on "
+                 "both sides):\n\n")
+        greedy_rows = []
+        for dtype in ("float32", "bfloat16", "float16"):
+            run = g.get(f"cuda_{dtype}")
+            if run:
+                for cpu_label, suffix, equal in (("float32 activations", "_fp32", "equal_tokens_cpu_fp32"),
+                                                 ("default (int8 activations)", "", "equal_tokens")):
+                    if equal not in run:
+                        continue
+                    differs = run[equal] < g["steps"]
+                    cpu_margin = run.get("cpu_fp32_margin_at_first_difference" if suffix else
+                                         "cpu_margin_at_first_difference")
+                    greedy_rows.append([dtype, cpu_label, f"{run[equal]} of {g['steps']}",
+                                        fmt(cpu_margin if differs else None, ".4f"),
+                                        fmt(run.get("gpu_margin_at_first_difference" + suffix) if differs else None,
+                                            ".4f")])
+        body += markdown_table(["GPU dtype", "CPU path", "tokens equal", "CPU margin there", "GPU margin there"],
+                               greedy_rows)
     if "checks" in r:
         bad = [c for c in r["checks"] if not c["ok"]]
         worst = max(c["max_rel_error"] for c in r["checks"])

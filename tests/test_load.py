@@ -124,3 +124,11 @@ def test_tools_and_documents_reach_the_template(tmp_path):
     assert with_both == plain + 2
     with pytest.raises(TrimtabError, match="conversation"):
         model.generate("w5", tools=[{"name": "w40"}])
+
+
+def test_load_dtype_is_checked_and_applied(tmp_path):
+    write_tiny_model_dir("llama", tmp_path)
+    with pytest.raises(TrimtabError, match="dtype must be one of float32, bfloat16, float16, got 'float8'"):
+        trimtab.load(str(tmp_path), dtype="float8")
+    assert trimtab.load(str(tmp_path), dtype="bfloat16").transformer.dtype == torch.bfloat16
+    assert trimtab.load(str(tmp_path), dtype=torch.float32).transformer.dtype == torch.float32

@@ -283,8 +283,16 @@ class Transformer:
         self.rope = rope_spec(args.rope_theta, args.rotary_dim, args.rope_scaling)
         self.rope = type(self.rope)(self.rope.inv_freq.to(self.device), self.rope.attention_scaling)
         self.unused_weights = w.unused()
-        # batch-1 CPU decode of a fully quantized model: one C++ call per token (None if not eligible)
+        # batch-1 decode of one token: on the CPU one C++ call for a fully quantized model, on a CUDA
+        # GPU one CUDA graph replay (each None where not eligible)
         self.fused_decoder = FusedDecoder.build(self)
+        self.cuda_decoder = self._cuda_decoder()
+
+    def _cuda_decoder(self):
+        if self.device.type != "cuda" or self.tp.world_size > 1 or not hasattr(self.layers[0].mlp, "gate_proj"):
+            return None
+        from trimtab.backend.cuda_decode import CudaGraphDecoder  # builds the CUDA kernels: GPU machines only
+        return CudaGraphDecoder(self)
 
     @staticmethod
     def _embedding_and_head(args: ModelArgs, w: WeightReader):
@@ -319,6 +327,9 @@ class Transformer:
             logits = self.fused_decoder.step(int(tokens[0, 0]), cache)  # [V]
             cache.advance(1)
             return logits.view(1, 1, -1)
+        if self.cuda_decoder is not None and tokens.shape == (1, 1) and cache.batch_size == 1:
+            # the graph's logits are overwritten by its next replay: the caller gets its own copy
+            return self.cuda_decoder.step(tokens[0, 0], cache).clone().view(1, 1, -1)  # advances the cache
         S = tokens.shape[1]
         positions = cache.positions(S)  # [B, S]
         windows = {layer.sliding_window for layer in self.layers}

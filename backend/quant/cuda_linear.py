@@ -20,7 +20,7 @@ from trimtab.backend.quant.kernels import PackedLinear
 CHUNK_ROWS = 32
 GEMV_MAX_ROWS = 8           # the GEMV kernel's batch limit; above it, dequantize + matmul
 SLICE_ELEMENTS = 64 << 20   # the largest dequantized column slice (128 MB in float16)
-ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class SplitKWorkspace:
 
 
 class CudaPackedLinear(PackedLinear):
-    """y = x Wᵀ + b on the GPU layout. Activations float16 or bfloat16 (others computed in float16)."""
+    """y = x Wᵀ + b on the GPU layout. Activations float16, bfloat16 or float32 (others computed in float16)."""
 
     # GEMV blocks per multiprocessor the K split aims for (docs/CUDA.md; bench/gpu_bench.py measures it)
     blocks_per_multiprocessor = 4
@@ -120,11 +120,13 @@ class CudaPackedLinear(PackedLinear):
         y = self.gemv(rows) if rows.shape[0] <= GEMV_MAX_ROWS else self.dequantized_matmul(rows)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def gemv(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows: [1-8, in] float16/bfloat16 → [rows, out]."""
+    def gemv(self, rows: torch.Tensor, gate: torch.Tensor | None = None,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+        """rows: [1-8, in] float16/bfloat16/float32 → [rows, out]: residual + b + u Wᵀ, where u is rows,
+        or silu(gate)·rows given gate (rows' shape and strides) — the decode step's fusions."""
         workspace, counters = SplitKWorkspace.tensors(self.device)
         return cuda_ops.qgemv(rows, self.in_features, self.words, self.scale_min, self.meta, self.xmap, self.bias,
-                              self.out_features, workspace, counters, self.target_blocks)
+                              self.out_features, workspace, counters, self.target_blocks, gate, residual)
 
     def dequantized_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         """rows: [n, in] → [n, out]: W's columns dequantized a slice at a time, then cuBLAS."""

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "decode_cuda.h"
 #include "qlinear_cuda.h"
 
 namespace {
@@ -21,7 +22,8 @@ void check_cuda(cudaError_t err, const char* op) {
 int dtype_code(const Tensor& t, const char* op) {
   if (t.scalar_type() == at::kHalf) return 0;
   if (t.scalar_type() == at::kBFloat16) return 1;
-  TORCH_CHECK(false, "trimtab_cuda::", op, ": activations must be float16 or bfloat16, got ", t.scalar_type());
+  if (t.scalar_type() == at::kFloat) return 2;
+  TORCH_CHECK(false, "trimtab_cuda::", op, ": activations must be float16, bfloat16 or float32, got ", t.scalar_type());
 }
 
 QLayer layer_of(const Tensor& words, const Tensor& scale_min, const Tensor& meta, const c10::optional<Tensor>& xmap,
@@ -61,10 +63,20 @@ int multiprocessors() {
   return count;
 }
 
-// x: [batch, in] (rows may be strided, columns contiguous) → y: [batch, out] in x's dtype
+// Rows of `name` as the GEMV reads them: [rows, cols] on x's device, in x's dtype, contiguous rows.
+void check_rows(const Tensor& t, const Tensor& x, int64_t rows, int64_t cols, const char* name, const char* op) {
+  TT_CHECK(t.is_cuda() && t.device() == x.device() && t.scalar_type() == x.scalar_type() && t.dim() == 2 &&
+               t.size(0) == rows && t.size(1) == cols && t.stride(1) == 1,
+           op, name, " must be a [", rows, ", ", cols, "] tensor of x's dtype and device with contiguous rows, got ",
+           t.sizes(), " ", t.scalar_type());
+}
+
+// x: [batch, in] (rows may be strided, columns contiguous) → y: [batch, out] in x's dtype:
+// y = residual + bias + u Wᵀ with u = x, or silu(gate)·x where gate is given (gate: x's shape and strides)
 Tensor qgemv(const Tensor& x, int64_t in_features, const Tensor& words, const Tensor& scale_min, const Tensor& meta,
              const c10::optional<Tensor>& xmap, const c10::optional<Tensor>& bias, int64_t out, Tensor workspace,
-             Tensor counters, int64_t target_blocks) {
+             Tensor counters, int64_t target_blocks, const c10::optional<Tensor>& gate,
+             const c10::optional<Tensor>& residual) {
   const char* op = "qgemv";
   c10::cuda::CUDAGuard guard(x.device());
   QLayer L = layer_of(words, scale_min, meta, xmap, out, op);
@@ -86,9 +98,16 @@ Tensor qgemv(const Tensor& x, int64_t in_features, const Tensor& words, const Te
              "bias must be a contiguous CUDA float32 [", out, "] tensor");
     bias_ptr = bias->data_ptr<float>();
   }
+  if (gate.has_value()) {
+    check_rows(*gate, x, batch, in_features, "gate", op);
+    TT_CHECK(gate->stride(0) == x.stride(0), op, "gate's rows must be as far apart as x's");
+  }
   Tensor y = at::empty({batch, out}, x.options());
-  check_cuda(trimtab_cuda::qgemv(L, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), bias_ptr, batch, code,
-                                 workspace.data_ptr<float>(), counters.data_ptr<int32_t>(), target,
+  if (residual.has_value()) check_rows(*residual, x, batch, out, "residual", op);
+  const Tensor res = residual.has_value() ? residual->contiguous() : Tensor();
+  const trimtab_cuda::GemvIo io{x.data_ptr(), gate.has_value() ? gate->data_ptr() : nullptr, x.stride(0),
+                                y.data_ptr(), residual.has_value() ? res.data_ptr() : nullptr, y.stride(0), bias_ptr};
+  check_cuda(trimtab_cuda::qgemv(L, io, batch, code, workspace.data_ptr<float>(), counters.data_ptr<int32_t>(), target,
                                  c10::cuda::getCurrentCUDAStream()),
              op);
   return y;
@@ -144,11 +163,107 @@ Tensor qrepack(const Tensor& qweight, const Tensor& repack, const Tensor& meta, 
   return words;
 }
 
+// ---- decode step ----
+
+Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
+  const char* op = "rms_norm";
+  c10::cuda::CUDAGuard guard(x.device());
+  const int code = dtype_code(x, op);
+  TT_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() >= 1, op, "x must be a contiguous CUDA tensor");
+  const int64_t dim = x.size(-1);
+  TT_CHECK(weight.is_cuda() && weight.is_contiguous() && weight.scalar_type() == x.scalar_type() &&
+               weight.numel() == dim, op, "weight must be a contiguous [", dim, "] tensor of x's dtype");
+  Tensor y = at::empty_like(x);
+  check_cuda(trimtab_cuda::rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), int(x.numel() / dim), int(dim),
+                                    float(eps), code, c10::cuda::getCurrentCUDAStream()), op);
+  return y;
+}
+
+// The layer's cache keys/values: [1, kv_heads, slots, head_dim] with contiguous head_dim.
+void check_cache(const Tensor& t, const Tensor& like, int64_t kv_heads, int64_t head_dim, const char* name,
+                 const char* op) {
+  TT_CHECK(t.is_cuda() && t.device() == like.device() && t.scalar_type() == like.scalar_type() && t.dim() == 4 &&
+               t.size(0) == 1 && t.size(1) == kv_heads && t.size(3) == head_dim && t.stride(3) == 1,
+           op, name, " must be a [1, ", kv_heads, ", slots, ", head_dim, "] cache tensor of the query's dtype, got ",
+           t.sizes());
+}
+
+void check_position(const Tensor& t, const Tensor& like, const char* name, const char* op) {
+  TT_CHECK(t.is_cuda() && t.device() == like.device() && t.scalar_type() == at::kLong && t.numel() >= 1, op, name,
+           " must be an int64 tensor on the query's device");
+}
+
+Tensor rotary_kv(const Tensor& q, const Tensor& k, const Tensor& v, Tensor keys, Tensor values, const Tensor& position,
+                 const Tensor& inv_freq, double scaling, int64_t head_dim, int64_t rotary_dim) {
+  const char* op = "rotary_kv";
+  c10::cuda::CUDAGuard guard(q.device());
+  const int code = dtype_code(q, op);
+  TT_CHECK(head_dim > 0 && q.numel() % head_dim == 0 && k.numel() % head_dim == 0 && k.numel() == v.numel() &&
+               q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && k.scalar_type() == q.scalar_type() &&
+               v.scalar_type() == q.scalar_type(),
+           op, "q, k, v must be contiguous single-token projections of whole heads of ", head_dim);
+  const int64_t kv_heads = k.numel() / head_dim;
+  check_cache(keys, q, kv_heads, head_dim, "keys", op);
+  check_cache(values, q, kv_heads, head_dim, "values", op);
+  TT_CHECK(keys.strides() == values.strides(), op, "keys and values must share strides");
+  check_position(position, q, "position", op);
+  TT_CHECK(rotary_dim > 0 && rotary_dim <= head_dim && rotary_dim % 2 == 0 && inv_freq.is_cuda() &&
+               inv_freq.scalar_type() == at::kFloat && inv_freq.numel() == rotary_dim / 2 && inv_freq.is_contiguous(),
+           op, "inv_freq must be float32 [rotary_dim / 2] with an even rotary_dim <= head_dim");
+  Tensor q_out = at::empty_like(q);
+  trimtab_cuda::RotaryKvArgs a{q.data_ptr(), k.data_ptr(), v.data_ptr(), q_out.data_ptr(), keys.data_ptr(),
+                               values.data_ptr(), position.data_ptr<int64_t>(), inv_freq.data_ptr<float>(),
+                               float(scaling), int(q.numel() / head_dim), int(kv_heads), int(head_dim),
+                               int(rotary_dim), keys.stride(1), keys.stride(2)};
+  check_cuda(trimtab_cuda::rotary_kv(a, code, c10::cuda::getCurrentCUDAStream()), op);
+  return q_out;
+}
+
+Tensor decode_attention(const Tensor& q, const Tensor& keys, const Tensor& values, const Tensor& position,
+                        const Tensor& first_slot, Tensor workspace, Tensor counters, double scale, int64_t window) {
+  const char* op = "decode_attention";
+  c10::cuda::CUDAGuard guard(q.device());
+  const int code = dtype_code(q, op);
+  TT_CHECK(keys.dim() == 4, op, "keys must be [1, kv_heads, slots, head_dim]");
+  const int64_t kv_heads = keys.size(1), head_dim = keys.size(3), slots = keys.size(2);
+  check_cache(keys, q, kv_heads, head_dim, "keys", op);
+  check_cache(values, q, kv_heads, head_dim, "values", op);
+  TT_CHECK(keys.strides() == values.strides(), op, "keys and values must share strides");
+  TT_CHECK(q.is_contiguous() && q.numel() % (kv_heads * head_dim) == 0, op, "q must be contiguous whole heads");
+  const int64_t group = q.numel() / (kv_heads * head_dim);
+  TT_CHECK(trimtab_cuda::attention_supported(int(head_dim), int(group)), op, "head_dim ", head_dim,
+           " with ", group, " query heads per key head is not supported (head_dim 64/128/256, up to 8)");
+  check_position(position, q, "position", op);
+  check_position(first_slot, q, "first_slot", op);
+  TT_CHECK(workspace.is_cuda() && workspace.scalar_type() == at::kFloat &&
+               workspace.numel() >= trimtab_cuda::attention_workspace_floats(int(kv_heads), int(slots), int(head_dim)),
+           op, "workspace too small");
+  TT_CHECK(counters.is_cuda() && counters.scalar_type() == at::kInt && counters.numel() >= kv_heads, op,
+           "counters too small");
+  Tensor out = at::empty_like(q);
+  trimtab_cuda::AttentionArgs a{q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(),
+                                position.data_ptr<int64_t>(), first_slot.data_ptr<int64_t>(),
+                                workspace.data_ptr<float>(), counters.data_ptr<int32_t>(), float(scale),
+                                int(kv_heads), int(group), int(head_dim), int(slots), window, keys.stride(1),
+                                keys.stride(2)};
+  check_cuda(trimtab_cuda::decode_attention(a, code, c10::cuda::getCurrentCUDAStream()), op);
+  return out;
+}
+
+int64_t attention_workspace(int64_t kv_heads, int64_t slots, int64_t head_dim) {
+  return trimtab_cuda::attention_workspace_floats(int(kv_heads), int(slots), int(head_dim));
+}
+
+bool attention_supported(int64_t head_dim, int64_t group) {
+  return trimtab_cuda::attention_supported(int(head_dim), int(group));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(trimtab_cuda, m) {
   m.def("qgemv(Tensor x, int in_features, Tensor words, Tensor scale_min, Tensor meta, Tensor? xmap, Tensor? bias, "
-        "int out, Tensor(a!) workspace, Tensor(b!) counters, int target_blocks) -> Tensor", &qgemv);
+        "int out, Tensor(a!) workspace, Tensor(b!) counters, int target_blocks, Tensor? gate=None, "
+        "Tensor? residual=None) -> Tensor", &qgemv);
   m.def("qgemv_workspace(Tensor words, Tensor scale_min, Tensor meta, int out, int batch, int target_blocks) -> int",
         &qgemv_workspace);
   m.def("multiprocessor_count(Tensor on) -> int", &multiprocessor_count);
@@ -156,4 +271,11 @@ TORCH_LIBRARY(trimtab_cuda, m) {
   m.def("qdequantize_t(Tensor(a!) wt, Tensor words, Tensor scale_min, Tensor meta, Tensor? xmap, int out, "
         "int col_begin, int col_end) -> ()", &qdequantize_t);
   m.def("qrepack(Tensor qweight, Tensor repack, Tensor meta, int word_rows, int out_pad) -> Tensor", &qrepack);
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
+  m.def("rotary_kv(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor position, "
+        "Tensor inv_freq, float scaling, int head_dim, int rotary_dim) -> Tensor", &rotary_kv);
+  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor position, Tensor first_slot, "
+        "Tensor(a!) workspace, Tensor(b!) counters, float scale, int window) -> Tensor", &decode_attention);
+  m.def("attention_workspace(int kv_heads, int slots, int head_dim) -> int", &attention_workspace);
+  m.def("attention_supported(int head_dim, int group) -> bool", &attention_supported);
 }

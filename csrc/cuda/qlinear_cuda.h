@@ -1,5 +1,5 @@
 // Host entry points of the CUDA kernels (raw pointers, no ATen): bindings.cpp checks tensors and
-// calls these; the .cu files implement them. dtype: 0 = float16, 1 = bfloat16 activations.
+// calls these; the .cu files implement them. dtype: 0 = float16, 1 = bfloat16, 2 = float32 activations.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -26,11 +26,22 @@ int qgemv_splits(const QLayer& layer, int batch, int target_blocks);
 int64_t qgemv_workspace_floats(const QLayer& layer, int batch, int target_blocks);
 int qgemv_counters(const QLayer& layer);
 
-// y[b, :out] = x[b, :in] Wᵀ + bias for b < batch <= 8. x rows ldx apart, y rows ldy apart.
-// workspace: qgemv_workspace_floats floats; counters: qgemv_counters ints, zero (left zero).
-cudaError_t qgemv(const QLayer& layer, const void* x, int64_t ldx, void* y, int64_t ldy, const float* bias,
-                  int batch, int dtype, float* workspace, int* counters, int target_blocks,
-                  cudaStream_t stream);
+// The GEMV's operands, rows of the activations' dtype:
+//   y[b, :out] = residual[b] + bias + u[b] Wᵀ,  u = x, or silu(gate) · x where gate is given.
+struct GemvIo {
+  const void* x;         // [batch, in], rows ldx apart
+  const void* gate;      // nullptr or [batch, in], rows ldx apart
+  int64_t ldx;
+  void* y;               // [batch, out], rows ldy apart
+  const void* residual;  // nullptr or [batch, out], rows ldy apart
+  int64_t ldy;
+  const float* bias;     // nullptr or [out]
+};
+
+// For b < batch <= 8. workspace: qgemv_workspace_floats floats; counters: qgemv_counters ints, zero
+// (left zero).
+cudaError_t qgemv(const QLayer& layer, const GemvIo& io, int batch, int dtype, float* workspace, int* counters,
+                  int target_blocks, cudaStream_t stream);
 
 // Wt[r, c - col_begin] = W[c, r] for columns [col_begin, col_end) (multiples of 4 except col_end
 // may be out), rows in the original input order: Wt is [in, ldw], activations' dtype.

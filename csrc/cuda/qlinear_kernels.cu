@@ -19,9 +19,11 @@ constexpr int kMaxStagePasses = 8;  // chunks a warp stages: a block spans at mo
 struct GemvArgs {
   QLayer layer;
   const void* x;
+  const void* gate;      // nullptr, or [batch, in] rows ldx apart: the input is silu(gate)·x
   int64_t ldx;
   void* y;
   int64_t ldy;
+  const void* residual;  // nullptr, or [batch, out] rows ldy apart, added to the output
   const float* bias;
   float* workspace;  // [splits, batch, out_pad]
   int* counters;     // [tiles]
@@ -55,6 +57,14 @@ __device__ void stage_x(const GemvArgs& a, int c_begin, int c_count, half2* xs, 
     const int src = lc >= c_count ? -1 : a.layer.xmap ? __ldg(a.layer.xmap + row) : row;
 #pragma unroll
     for (int b = 0; b < NB; ++b) v[p][b] = src >= 0 ? Io<T>::load(x[b * a.ldx + src]) : 0.0f;
+    if (a.gate != nullptr) {  // the gated MLP's silu(gate)·up, rounded as the unfused ops round it
+      const T* gate = static_cast<const T*>(a.gate);
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+        const float g = src >= 0 ? Io<T>::load(gate[b * a.ldx + src]) : 0.0f;
+        v[p][b] = Io<T>::load(Io<T>::store(Io<T>::load(Io<T>::store(g / (1.0f + __expf(-g)))) * v[p][b]));
+      }
+    }
   }
 #pragma unroll
   for (int p = 0; p < kMaxStagePasses; ++p) {
@@ -81,39 +91,43 @@ __device__ void stage_x(const GemvArgs& a, int c_begin, int c_count, half2* xs, 
   }
 }
 
+// One chunk's reads for this thread's 4 columns: its metadata, `bits` 16-byte word rows and the
+// (scale, min) of its group. (Fetching the next chunk's while computing on this one doubled the
+// registers, halved the blocks a multiprocessor holds and measured slower: docs/CUDA.md.)
+struct ChunkWords {
+  int4 m;       // word_row, bits, group, 0
+  uint4 v[8];   // v[k]: word row k of the chunk, this thread's 4 columns (k < bits)
+  uint4 sm;     // half2 (scale, min) of the 4 columns
+};
+
+template <int BITS>
+__device__ __forceinline__ void fetch_chunk(const QLayer& L, int col4, bool active, ChunkWords& c) {
+  if (!active) return;
+  const size_t stride4 = L.out_pad / 4;
+  const uint4* src = reinterpret_cast<const uint4*>(L.words + size_t(c.m.x) * L.out_pad) + col4;
+#pragma unroll
+  for (int k = 0; k < BITS; ++k) c.v[k] = load_streaming(src + k * stride4);
+  c.sm = __ldg(reinterpret_cast<const uint4*>(L.scale_min) + size_t(c.m.z) * stride4 + col4);
+}
+
 // One chunk of 32 rows for this thread's 4 columns: float16 dot products of the centred q with the
 // staged x, then acc += scale·xscale·dot + (min + 2^(b-1)·scale)·Σx in float32.
 template <int NB, int BITS>
-__device__ __forceinline__ void gemv_chunk(const GemvArgs& a, int4 m, int lc, int col4, bool active,
-                                           const half2* xs, const float* xscale, const float* xsum,
-                                           float (&acc)[NB][4]) {
-  const QLayer& L = a.layer;
-  const size_t stride4 = L.out_pad / 4;
+__device__ __forceinline__ void gemv_chunk(const ChunkWords& cw, bool active, int lc, int cps, const half2* xs,
+                                           const float* xscale, const float* xsum, float (&acc)[NB][4]) {
   uint32_t w[4][BITS];
-  uint4 sm4 = make_uint4(0, 0, 0, 0);
-  if (active) {
-    const uint4* src = reinterpret_cast<const uint4*>(L.words + size_t(m.x) * L.out_pad) + col4;
-    uint4 v[BITS];
 #pragma unroll
-    for (int k = 0; k < BITS; ++k) v[k] = load_streaming(src + k * stride4);
-    sm4 = __ldg(reinterpret_cast<const uint4*>(L.scale_min) + size_t(m.z) * stride4 + col4);
-#pragma unroll
-    for (int k = 0; k < BITS; ++k) {
-      w[0][k] = v[k].x;
-      w[1][k] = v[k].y;
-      w[2][k] = v[k].z;
-      w[3][k] = v[k].w;
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < BITS; ++k) w[0][k] = w[1][k] = w[2][k] = w[3][k] = 0;
+  for (int k = 0; k < BITS; ++k) {
+    w[0][k] = active ? cw.v[k].x : 0u;
+    w[1][k] = active ? cw.v[k].y : 0u;
+    w[2][k] = active ? cw.v[k].z : 0u;
+    w[3][k] = active ? cw.v[k].w : 0u;
   }
   half2 dot[NB][4];
 #pragma unroll
   for (int b = 0; b < NB; ++b)
 #pragma unroll
     for (int c = 0; c < 4; ++c) dot[b][c] = __float2half2_rn(0.0f);
-  const int cps = a.chunks_per_split;
 #pragma unroll
   for (int t4 = 0; t4 < kPairs; t4 += 4) {
     uint4 xv[NB];
@@ -133,6 +147,7 @@ __device__ __forceinline__ void gemv_chunk(const GemvArgs& a, int4 m, int lc, in
       }
     }
   }
+  const uint4 sm4 = active ? cw.sm : make_uint4(0, 0, 0, 0);
   const half2* sm = reinterpret_cast<const half2*>(&sm4);
   float scale[4], offset[4];
 #pragma unroll
@@ -151,8 +166,25 @@ __device__ __forceinline__ void gemv_chunk(const GemvArgs& a, int4 m, int lc, in
   }
 }
 
+// Fetch and compute one chunk of width BITS (its words are live only inside its width's branch).
+template <int NB, int BITS>
+__device__ __forceinline__ void run_chunk(const QLayer& L, ChunkWords& cw, int col4, bool active, int lc, int cps,
+                                          const half2* xs, const float* xscale, const float* xsum,
+                                          float (&acc)[NB][4]) {
+  fetch_chunk<BITS>(L, col4, active, cw);
+  gemv_chunk<NB, BITS>(cw, active, lc, cps, xs, xscale, xsum, acc);
+}
+
+// What the output adds to x Wᵀ: the bias and the residual (either may be absent).
+template <typename T>
+__device__ __forceinline__ float epilogue_addend(const GemvArgs& a, int b, int col) {
+  float s = a.bias ? a.bias[col] : 0.0f;
+  if (a.residual) s += Io<T>::load(static_cast<const T*>(a.residual)[b * a.ldy + col]);
+  return s;
+}
+
 template <typename T, int NB>
-__global__ void __launch_bounds__(kThreads) qgemv_kernel(GemvArgs a) {
+__global__ void __launch_bounds__(kThreads, NB > 2 ? 1 : NB == 1 ? 4 : 3) qgemv_kernel(GemvArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int is_last;
   const QLayer& L = a.layer;
@@ -161,6 +193,8 @@ __global__ void __launch_bounds__(kThreads) qgemv_kernel(GemvArgs a) {
   const int cps = a.chunks_per_split;
   const int c_begin = split * cps;
   const int c_count = min(cps, L.chunks - c_begin);
+  const int col4 = tile * 32 + lane;  // this thread's columns: 4·col4 ... 4·col4 + 3
+  const bool active = col4 * 4 < L.out_pad;
 
   half2* xs = reinterpret_cast<half2*>(smem);                               // [NB, cps, 16]
   float* xscale = reinterpret_cast<float*>(smem + size_t(NB) * cps * kPairs * 4);  // [NB, cps]
@@ -168,22 +202,21 @@ __global__ void __launch_bounds__(kThreads) qgemv_kernel(GemvArgs a) {
   stage_x<T, NB>(a, c_begin, c_count, xs, xscale, xsum);
   __syncthreads();
 
-  const int col4 = tile * 32 + lane;  // this thread's columns: 4·col4 ... 4·col4 + 3
-  const bool active = col4 * 4 < L.out_pad;
   float acc[NB][4];
 #pragma unroll
   for (int b = 0; b < NB; ++b)
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[b][c] = 0.0f;
   for (int lc = warp; lc < c_count; lc += kWarps) {
-    const int4 m = __ldg(reinterpret_cast<const int4*>(L.meta) + c_begin + lc);
-    switch (m.y) {  // the same for the whole warp: no divergence
-      case 2: gemv_chunk<NB, 2>(a, m, lc, col4, active, xs, xscale, xsum, acc); break;
-      case 3: gemv_chunk<NB, 3>(a, m, lc, col4, active, xs, xscale, xsum, acc); break;
-      case 4: gemv_chunk<NB, 4>(a, m, lc, col4, active, xs, xscale, xsum, acc); break;
-      case 5: gemv_chunk<NB, 5>(a, m, lc, col4, active, xs, xscale, xsum, acc); break;
-      case 6: gemv_chunk<NB, 6>(a, m, lc, col4, active, xs, xscale, xsum, acc); break;
-      default: gemv_chunk<NB, 8>(a, m, lc, col4, active, xs, xscale, xsum, acc); break;
+    ChunkWords c;
+    c.m = __ldg(reinterpret_cast<const int4*>(L.meta) + c_begin + lc);
+    switch (c.m.y) {  // the same for the whole warp: no divergence
+      case 2: run_chunk<NB, 2>(L, c, col4, active, lc, cps, xs, xscale, xsum, acc); break;
+      case 3: run_chunk<NB, 3>(L, c, col4, active, lc, cps, xs, xscale, xsum, acc); break;
+      case 4: run_chunk<NB, 4>(L, c, col4, active, lc, cps, xs, xscale, xsum, acc); break;
+      case 5: run_chunk<NB, 5>(L, c, col4, active, lc, cps, xs, xscale, xsum, acc); break;
+      case 6: run_chunk<NB, 6>(L, c, col4, active, lc, cps, xs, xscale, xsum, acc); break;
+      default: run_chunk<NB, 8>(L, c, col4, active, lc, cps, xs, xscale, xsum, acc); break;
     }
   }
   __syncthreads();  // the staged x is no longer read: its memory takes the warps' partial sums
@@ -202,7 +235,7 @@ __global__ void __launch_bounds__(kThreads) qgemv_kernel(GemvArgs a) {
     for (int w = 0; w < kWarps; ++w) s += red[(w * NB + b) * kWarpCols + i % kWarpCols];
     if (col < L.out) {
       if (a.splits == 1)
-        y[b * a.ldy + col] = Io<T>::store(s + (a.bias ? a.bias[col] : 0.0f));
+        y[b * a.ldy + col] = Io<T>::store(s + epilogue_addend<T>(a, b, col));
       else
         a.workspace[(size_t(split) * NB + b) * L.out_pad + col] = s;
     }
@@ -218,7 +251,7 @@ __global__ void __launch_bounds__(kThreads) qgemv_kernel(GemvArgs a) {
   for (int i = threadIdx.x; i < NB * kWarpCols; i += kThreads) {
     const int b = i / kWarpCols, col = tile * kWarpCols + i % kWarpCols;
     if (col >= L.out) continue;
-    float s = a.bias ? a.bias[col] : 0.0f;
+    float s = epilogue_addend<T>(a, b, col);
     for (int k = 0; k < a.splits; ++k) s += __ldcg(a.workspace + (size_t(k) * NB + b) * L.out_pad + col);
     y[b * a.ldy + col] = Io<T>::store(s);
   }
@@ -262,8 +295,10 @@ __device__ __forceinline__ void dequant_chunk(const QLayer& L, int4 m, int chunk
 #pragma unroll
       for (int c = 0; c < 4; ++c) v[c] = Io<T>::store(fmaf(float((bits[c] >> (16 * h)) & 0xffffu), scale[c], mn[c]));
       T* out = wt + dst * ldw + col;
-      if (ncols >= 4) {
+      if (ncols >= 4 && sizeof(T) == 2) {
         *reinterpret_cast<uint2*>(out) = *reinterpret_cast<const uint2*>(v);
+      } else if (ncols >= 4) {
+        *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(v);
       } else {
         for (int c = 0; c < ncols; ++c) out[c] = v[c];
       }
@@ -317,10 +352,14 @@ __global__ void qrepack_kernel(const int32_t* qweight, int out, const int4* repa
 int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
 int tiles_of(const QLayer& L) { return ceil_div(L.out_pad, kWarpCols); }
 
+// The K split: how many blocks share a column tile. Enough blocks to give the GPU about
+// `target_blocks` (bench/gpu_bench.py measured more, shorter blocks to beat fewer that fill the
+// multiprocessors' slots exactly: a warp's chunks run one after another), at least a chunk per warp,
+// within the staging limits.
 int chunks_per_split(const QLayer& L, int batch, int target_blocks) {
   const int tiles = tiles_of(L);
-  int splits = std::max(1, ceil_div(target_blocks, tiles));             // enough blocks to fill the GPU
-  splits = std::min(splits, std::max(1, L.chunks / kWarps));            // a chunk per warp at least
+  int splits = std::max(1, ceil_div(target_blocks, tiles));
+  splits = std::min(splits, std::max(1, L.chunks / kWarps));
   splits = std::max(splits, ceil_div(int64_t(L.chunks) * batch * kStageBytesPerChunkRow, kStageBytes));
   splits = std::max(splits, ceil_div(L.chunks, kWarps * kMaxStagePasses));
   splits = std::min(splits, L.chunks);
@@ -364,15 +403,17 @@ int64_t qgemv_workspace_floats(const QLayer& layer, int batch, int target_blocks
 
 int qgemv_counters(const QLayer& layer) { return tiles_of(layer); }
 
-cudaError_t qgemv(const QLayer& layer, const void* x, int64_t ldx, void* y, int64_t ldy, const float* bias,
-                  int batch, int dtype, float* workspace, int* counters, int target_blocks,
-                  cudaStream_t stream) {
+cudaError_t qgemv(const QLayer& layer, const GemvIo& io, int batch, int dtype, float* workspace, int* counters,
+                  int target_blocks, cudaStream_t stream) {
   if (batch < 1 || batch > kMaxBatchRows || layer.chunks < 1) return cudaErrorInvalidValue;
-  GemvArgs a{layer, x, ldx, y, ldy, bias, workspace, counters, 0, 0};
+  GemvArgs a{layer, io.x, io.gate, io.ldx, io.y, io.ldy, io.residual, io.bias, workspace, counters, 0, 0};
   a.chunks_per_split = chunks_per_split(layer, batch, target_blocks);
   a.splits = ceil_div(layer.chunks, a.chunks_per_split);
-  return dtype == 0 ? launch_gemv_batch<half>(a, batch, stream)
-                    : launch_gemv_batch<__nv_bfloat16>(a, batch, stream);
+  switch (dtype) {
+    case 0: return launch_gemv_batch<half>(a, batch, stream);
+    case 1: return launch_gemv_batch<__nv_bfloat16>(a, batch, stream);
+    default: return launch_gemv_batch<float>(a, batch, stream);
+  }
 }
 
 cudaError_t qdequantize_t(const QLayer& layer, int col_begin, int col_end, void* wt, int64_t ldw, int dtype,
@@ -381,9 +422,11 @@ cudaError_t qdequantize_t(const QLayer& layer, int col_begin, int col_end, void*
   const dim3 grid(ceil_div(col_end - col_begin, kWarpCols), ceil_div(layer.chunks, kWarps));
   if (dtype == 0)
     qdequantize_kernel<half><<<grid, kThreads, 0, stream>>>(layer, col_begin, col_end, static_cast<half*>(wt), ldw);
-  else
+  else if (dtype == 1)
     qdequantize_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(layer, col_begin, col_end,
                                                                      static_cast<__nv_bfloat16*>(wt), ldw);
+  else
+    qdequantize_kernel<float><<<grid, kThreads, 0, stream>>>(layer, col_begin, col_end, static_cast<float*>(wt), ldw);
   return cudaGetLastError();
 }
 

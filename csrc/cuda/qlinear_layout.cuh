@@ -68,6 +68,10 @@ template <> struct Io<half> {
   static __device__ __forceinline__ float load(half v) { return __half2float(v); }
   static __device__ __forceinline__ half store(float v) { return __float2half_rn(v); }
 };
+template <> struct Io<float> {
+  static __device__ __forceinline__ float load(float v) { return v; }
+  static __device__ __forceinline__ float store(float v) { return v; }
+};
 template <> struct Io<__nv_bfloat16> {
   static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }

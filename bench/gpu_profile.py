@@ -1,0 +1,206 @@
+"""Where the GPU decode's time goes (issue 8's "what the profile says"), in one run on the GPU machine:
+
+1. `ncu` on trimtab's GEMV at 4.0 bpw on the four Llama-3-8B shapes (speed of light: memory and
+   compute throughput, achieved occupancy, DRAM bytes, warp stall reasons);
+2. one decode step of the Llama-3-8B-shaped model (bench/gpu_bench.py's), op by op under
+   torch.profiler: GPU time per kernel kind, kernels per token, and the step's GPU time against the
+   CUDA graph's wall time per token.
+
+    python bench/gpu_profile.py                 → gpu_profile.json under $OUT (or bench/results/)
+    python bench/gpu_profile.py --gemv-driver   (what ncu runs: the four GEMVs, a few calls each)
+    python bench/gpu_profile.py --report bench/results/gpu_profile.json → BENCHMARKS.md "gpu_profile"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import markdown_table, write_section  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NCU_METRICS = {
+    "duration_us": "gpu__time_duration.sum",
+    "dram_read_gb": "dram__bytes_read.sum",
+    "dram_tbps": "dram__bytes.sum.per_second",
+    "memory_pct": "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed",
+    "dram_pct": "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+    "sm_pct": "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+    "issue_pct": "sm__inst_issued.avg.pct_of_peak_sustained_active",
+    "occupancy_pct": "sm__warps_active.avg.pct_of_peak_sustained_active",
+    "registers": "launch__registers_per_thread",
+    "blocks": "launch__grid_size",
+    "stall_long_scoreboard": "smsp__average_warp_latency_issue_stalled_long_scoreboard.ratio",
+    "stall_math_pipe": "smsp__average_warp_latency_issue_stalled_math_pipe_throttle.ratio",
+    "stall_wait": "smsp__average_warp_latency_issue_stalled_wait.ratio",
+    "stall_barrier": "smsp__average_warp_latency_issue_stalled_barrier.ratio",
+    "stall_short_scoreboard": "smsp__average_warp_latency_issue_stalled_short_scoreboard.ratio",
+}
+
+
+def gemv_driver() -> None:
+    """The four GEMVs, 3 calls each: ncu profiles the third of each shape."""
+    import torch
+    from gpu_bench import SHAPES, bench_layer
+    from trimtab.backend.quant.cuda_linear import CudaPackedLinear
+
+    for name, (k, n) in SHAPES.items():
+        linear = CudaPackedLinear(bench_layer(k, n, 4.0), None, "cuda", torch.float16)
+        x = torch.randn(1, k, dtype=torch.half, device="cuda")
+        for _ in range(3):
+            linear.gemv(x)
+        torch.cuda.synchronize()
+
+
+def ncu_gemv() -> dict:
+    ncu = shutil.which("ncu") or next(iter(sorted(Path("/opt/nvidia").glob("nsight-compute/*/ncu"))), None)
+    if ncu is None:
+        return {"error": "ncu not found"}
+    command = [str(ncu), "--kernel-name", "regex:qgemv", "--launch-count", "12", "--clock-control", "none", "--metrics", ",".join(NCU_METRICS.values()), "--csv", "--page", "raw",
+               sys.executable, __file__, "--gemv-driver"]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('"')]
+    if proc.returncode or len(lines) < 3:
+        return {"error": (proc.stdout + proc.stderr)[-3000:]}
+    import csv
+    rows = list(csv.reader(lines))
+    header, data = rows[0], rows[2:]  # row 1: units
+    launches = []
+    for row in data:
+        record = dict(zip(header, row))
+        launches.append({key: _number(record.get(metric, "")) for key, metric in NCU_METRICS.items()})
+    # 3 calls per shape: keep each shape's third (warm) call
+    per_shape = {}
+    for index, shape in enumerate(_shapes()):
+        if 3 * index + 2 < len(launches):
+            per_shape[shape] = launches[3 * index + 2]
+    return per_shape
+
+
+def _shapes():
+    from gpu_bench import SHAPES
+    return SHAPES
+
+
+def _number(text: str):
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return text
+
+
+def profile_decode_step(context: int = 1024) -> dict:
+    import torch
+    from gpu_bench import llama3_8b_model, measure_model
+    from trimtab.backend.cuda_decode import CudaGraphDecoder
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    model = llama3_8b_model(True)
+    figures = measure_model(model, context, decode_tokens=16)
+    decoder = CudaGraphDecoder(model)
+    cache = model.new_cache(1, context + 8)
+    decoder.prefill(torch.randint(0, 1000, (1, context), device="cuda"), cache)
+    decoder.step(0, cache)  # captures the graph: the step's device tensors exist from here
+    with torch.inference_mode():
+        for _ in range(2):
+            decoder._step_ops(cache)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            decoder._step_ops(cache)
+            torch.cuda.synchronize()
+    kinds: dict[str, dict] = {}
+    total_us, launches = 0.0, 0
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        kind = _kernel_kind(event.name)
+        entry = kinds.setdefault(kind, {"us": 0.0, "launches": 0})
+        entry["us"] += event.device_time
+        entry["launches"] += 1
+        total_us += event.device_time
+        launches += 1
+    return {"graph_step_ms": figures["graph_step_ms"], "decode_tok_s": figures["decode_tok_s"],
+            "kernel_us_per_token": total_us, "kernels_per_token": launches,
+            "kinds": dict(sorted(kinds.items(), key=lambda item: -item[1]["us"]))}
+
+
+def _kernel_kind(name: str) -> str:
+    for pattern, kind in (("qgemv", "trimtab GEMV"), ("decode_attention", "attention (trimtab)"),
+                          ("fmha|attention|flash|efficient", "attention (SDPA)"), ("rotary_kv", "rotary + KV write"),
+                          ("rms|norm", "RMSNorm"), ("index_copy|indexing|scatter", "KV cache write"),
+                          ("silu|mul|add|sub|cat|copy|roll|cos|sin|fill|where|compare|bitwise|elementwise",
+                           "elementwise (rotary, SiLU, residual, casts, mask)"),
+                          ("gemm|gemv|cutlass|sm90", "cuBLAS")):
+        if re.search(pattern, name, re.IGNORECASE):
+            return kind
+    return "other: " + name[:60]
+
+
+def report(path: Path) -> None:
+    r = json.loads(path.read_text())
+    body = f"Card: **{r.get('card')}**, {r.get('date')}; rendered from `{path.name}` by `bench/gpu_profile.py --report`.\n\n"
+    gemv = r.get("ncu_gemv", {})
+    if "error" not in gemv and gemv:
+        rows = []
+        for shape, m in gemv.items():
+            rows.append([shape, f"{m['duration_us'] / 1e3:.1f}" if m['duration_us'] > 100 else f"{m['duration_us']:.1f}",
+                         f"{m['dram_tbps'] / 1e12:.2f}" if m['dram_tbps'] > 1e6 else f"{m['dram_tbps']:.2f}",
+                         f"{m['dram_pct']:.0f}%", f"{m['sm_pct']:.0f}%", f"{m['issue_pct']:.0f}%",
+                         f"{m['occupancy_pct']:.0f}%", f"{m['registers']:.0f}", f"{m['blocks']:.0f}",
+                         f"{m['stall_long_scoreboard']:.1f}", f"{m['stall_math_pipe']:.1f}", f"{m['stall_wait']:.1f}",
+                         f"{m['stall_barrier']:.1f}"])
+        body += ("`ncu` on trimtab's GEMV, 4.0 bpw, batch 1 (one warm call each, L2 not flushed, `--clock-control "
+                 "none`). Stalls: ncu's `smsp__average_warp_latency_issue_stalled_*` by reason, comparable within a "
+                 "row (memory: waiting on a global load; fixed latency: on an arithmetic result; barrier: at "
+                 "`__syncthreads`).\n\n"
+                 + markdown_table(["shape", "µs", "DRAM TB/s", "DRAM % peak", "SM % peak", "issue % active",
+                                   "occupancy %", "registers", "blocks", "stall: memory", "stall: math pipe",
+                                   "stall: fixed latency", "stall: barrier"], rows) + "\n\n")
+    elif gemv:
+        body += f"ncu did not run: {gemv['error'][:300]}\n\n"
+    step = r.get("decode_step")
+    if step:
+        rows = [[kind, f"{v['us']:.0f}", str(v["launches"]), f"{v['us'] / step['kernel_us_per_token']:.0%}"]
+                for kind, v in step["kinds"].items()]
+        body += (f"One decode step of the Llama-3-8B-shaped model at 4.0 bpw, context 1024, op by op under "
+                 f"torch.profiler: {step['kernels_per_token']} kernels, {step['kernel_us_per_token'] / 1e3:.2f} ms "
+                 f"of kernel time; the same step as a CUDA graph takes {step['graph_step_ms']:.2f} ms a token "
+                 f"({step['decode_tok_s']:.0f} tok/s with argmax and host sync).\n\n"
+                 + markdown_table(["kernels", "µs per token", "launches", "share"], rows) + "\n")
+    write_section("gpu_profile", body, script="gpu_profile")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gemv-driver", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--report", type=Path)
+    parser.add_argument("--parts", default="ncu,decode")
+    args = parser.parse_args()
+    if args.gemv_driver:
+        return gemv_driver()
+    if args.report:
+        return report(args.report)
+    import time
+
+    import torch
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS
+    results = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
+    parts = set(args.parts.split(","))
+    if "ncu" in parts:
+        results["ncu_gemv"] = ncu_gemv()
+        print(json.dumps(results["ncu_gemv"], indent=1)[:4000], flush=True)
+    if "decode" in parts:
+        results["decode_step"] = profile_decode_step()
+        print(json.dumps(results["decode_step"], indent=1), flush=True)
+    (out_dir / "gpu_profile.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

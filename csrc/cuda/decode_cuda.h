@@ -1,0 +1,53 @@
+// Host entry points of the decode-step kernels (decode_kernels.cu): raw pointers, no ATen;
+// bindings.cpp checks tensors and calls these. dtype: 0 = float16, 1 = bfloat16, 2 = float32.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace trimtab_cuda {
+
+// y[r] = weight · round(x[r] / rms(x[r])) for rows r < rows of `dim` contiguous elements.
+cudaError_t rms_norm(const void* x, const void* weight, void* y, int rows, int dim, float eps, int dtype,
+                     cudaStream_t stream);
+
+struct RotaryKvArgs {
+  const void* q;           // [q_heads, head_dim] this step's query (batch 1, one token)
+  const void* k;           // [kv_heads, head_dim]
+  const void* v;           // [kv_heads, head_dim]
+  void* q_out;             // [q_heads, head_dim] rotated query
+  void* keys;              // the layer's cache: head h, slot s at h·head_stride + s·slot_stride
+  void* values;
+  const int64_t* position; // device: the step's position, which is also its cache slot
+  const float* inv_freq;   // [rotary_dim / 2]
+  float scaling;           // the rotary's attention scaling (1 for plain RoPE)
+  int q_heads, kv_heads, head_dim, rotary_dim;
+  int64_t head_stride, slot_stride;
+};
+
+// q_out = rotary(q); keys[slot] = rotary(k); values[slot] = v (HF's non-interleaved rotary).
+cudaError_t rotary_kv(const RotaryKvArgs& a, int dtype, cudaStream_t stream);
+
+struct AttentionArgs {
+  const void* q;           // [kv_heads · group, head_dim]
+  const void* keys;        // as RotaryKvArgs
+  const void* values;
+  void* out;               // [kv_heads · group, head_dim]
+  const int64_t* position; // device: the last valid slot
+  const int64_t* first_slot;  // device: the first valid slot (left padding)
+  float* workspace;        // attention_workspace_floats
+  int* counters;           // [kv_heads], zero (left zero)
+  float scale;
+  int kv_heads, group, head_dim, max_slots;
+  int64_t window;          // sliding window, 0 for none
+  int64_t head_stride, slot_stride;
+};
+
+int attention_splits(int max_slots);
+int64_t attention_workspace_floats(int kv_heads, int max_slots, int head_dim);
+bool attention_supported(int head_dim, int group);
+
+// out = softmax(q Kᵀ · scale) V over slots [max(first_slot, position − window + 1), position].
+cudaError_t decode_attention(const AttentionArgs& a, int dtype, cudaStream_t stream);
+
+}  // namespace trimtab_cuda
