@@ -8,8 +8,8 @@ Op by op, a decode step is about 36 kernels a layer (RMSNorm, the q/k/v/o and ML
 the KV write, SDPA, casts and adds); launched one by one from Python that costs more host time than
 the GPU needs for the weights (docs/CUDA.md), so the whole step is captured once into a CUDA graph
 and replayed per token. Where trimtab's decode kernels serve the model (head_dim 64/128/256, up to 8
-query heads per KV head) a layer is 9 kernels: RMSNorm, the q, k, v GEMVs, rotary + KV write,
-attention split over the cache (flash-decoding), the o GEMV adding the residual, RMSNorm, the gate and
+query heads per KV head) a layer is 10 kernels: RMSNorm, the q, k, v GEMVs, rotary + KV write,
+attention split over the cache (flash-decoding, 2 kernels), the o GEMV adding the residual, RMSNorm, the gate and
 up GEMVs, and the down GEMV that takes silu(gate)·up as its input and adds the residual (a float
 linear runs those last two as torch ops). The graph reads the token and the position from device tensors written before each replay,
 attends over the whole static cache under a mask built from the position, and writes the logits
@@ -119,7 +119,6 @@ class CudaGraphDecoder:
             self.first_slot = cache.pad[:1]
             self.attention_workspace = torch.empty(
                 cuda_ops.attention_workspace(attn.num_kv_heads, cache.max_len, attn.head_dim), device=device)
-            self.attention_counters = torch.zeros(attn.num_kv_heads, dtype=torch.int32, device=device)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):  # warm-up off the default stream, as capture needs
@@ -136,7 +135,7 @@ class CudaGraphDecoder:
         return self._fused_step_ops(cache) if self.fused else self._torch_step_ops(cache)
 
     def _fused_step_ops(self, cache: KVCache) -> torch.Tensor:
-        """The step through trimtab's decode kernels: 9 launches a layer (module docstring)."""
+        """The step through trimtab's decode kernels: 10 launches a layer (module docstring)."""
         m = self.model
         rope, rotary_dim = m.rope, m.args.rotary_dim
         x = m.embed(self.token).view(1, -1)                                 # [1, D]
@@ -147,8 +146,8 @@ class CudaGraphDecoder:
             q = cuda_ops.rotary_kv(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), keys, values, self.position,
                                    rope.inv_freq, rope.attention_scaling, attn.head_dim, rotary_dim)  # [1, H·hd]
             out = cuda_ops.decode_attention(q, keys, values, self.position, self.first_slot,
-                                            self.attention_workspace, self.attention_counters,
-                                            attn.head_dim ** -0.5, layer.sliding_window or 0)
+                                            self.attention_workspace, attn.head_dim ** -0.5,
+                                            layer.sliding_window or 0)
             x = _linear_plus(attn.o_proj, out, x)
             h = cuda_ops.rms_norm(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
             mlp = layer.mlp

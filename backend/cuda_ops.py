@@ -8,7 +8,7 @@
     cuda_ops.qdequantize_t(wt, words, scale_min, meta, xmap, out, col_begin, col_end)
     y = cuda_ops.rms_norm(x, weight, eps)                                       # one decode step's
     q = cuda_ops.rotary_kv(q, k, v, keys, values, position, inv_freq, scaling, head_dim, rotary_dim)
-    out = cuda_ops.decode_attention(q, keys, values, position, first_slot, workspace, counters, scale, window)
+    out = cuda_ops.decode_attention(q, keys, values, position, first_slot, workspace, scale, window)
 
 The layout and the kernels are described in docs/CUDA.md; backend/quant/cuda_linear.py is their
 one user. Building mirrors backend/ops.py: ``torch.utils.cpp_extension.load`` compiles
@@ -78,13 +78,13 @@ def rotary_kv(q, k, v, keys, values, position, inv_freq, scaling: float, head_di
                                                 rotary_dim)
 
 
-def decode_attention(q, keys, values, position, first_slot, workspace, counters, scale: float, window: int):
+def decode_attention(q, keys, values, position, first_slot, workspace, scale: float, window: int):
     """One token's attention: q [Hq·hd] over cache slots [max(first_slot, position − window + 1),
     position] (window 0: none) → [Hq·hd] in q's dtype."""
     load_extension()
     with _as_trimtab_error():
-        return torch.ops.trimtab_cuda.decode_attention(q, keys, values, position, first_slot, workspace, counters,
-                                                       scale, window)
+        return torch.ops.trimtab_cuda.decode_attention(q, keys, values, position, first_slot, workspace, scale,
+                                                       window)
 
 
 def attention_workspace(kv_heads: int, slots: int, head_dim: int) -> int:

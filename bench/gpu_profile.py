@@ -58,12 +58,32 @@ def gemv_driver() -> None:
         torch.cuda.synchronize()
 
 
-def ncu_gemv() -> dict:
+def decode_driver() -> None:
+    """Three decode steps of the Llama-3-8B-shaped model op by op (ncu profiles the third's kernels)."""
+    import torch
+    from gpu_bench import llama3_8b_model
+    from trimtab.backend.cuda_decode import CudaGraphDecoder
+
+    model = llama3_8b_model(True)
+    decoder = CudaGraphDecoder(model)
+    cache = model.new_cache(1, 1040)
+    decoder.prefill(torch.randint(0, 1000, (1, 1024), device="cuda"), cache)
+    decoder.step(0, cache)
+    with torch.inference_mode():
+        for _ in range(3):
+            decoder._step_ops(cache)
+    torch.cuda.synchronize()
+
+
+def run_ncu(kernels: str, launch_skip: int, launch_count: int, driver: str) -> list[dict] | dict:
+    """ncu's metrics (NCU_METRICS) of `launch_count` launches of the kernels matching `kernels`."""
     ncu = shutil.which("ncu") or next(iter(sorted(Path("/opt/nvidia").glob("nsight-compute/*/ncu"))), None)
     if ncu is None:
         return {"error": "ncu not found"}
-    command = [str(ncu), "--kernel-name", "regex:qgemv", "--launch-count", "12", "--clock-control", "none", "--metrics", ",".join(NCU_METRICS.values()), "--csv", "--page", "raw",
-               sys.executable, __file__, "--gemv-driver"]
+    command = [str(ncu), "--kernel-name-base", "demangled", "--kernel-name", f"regex:{kernels}",
+               "--launch-skip", str(launch_skip), "--launch-count",
+               str(launch_count), "--clock-control", "none", "--metrics", ",".join(NCU_METRICS.values()), "--csv",
+               "--page", "raw", sys.executable, __file__, driver]
     proc = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith('"')]
     if proc.returncode or len(lines) < 3:
@@ -74,7 +94,15 @@ def ncu_gemv() -> dict:
     launches = []
     for row in data:
         record = dict(zip(header, row))
-        launches.append({key: _number(record.get(metric, "")) for key, metric in NCU_METRICS.items()})
+        launches.append({"kernel": record.get("Kernel Name", "")[:60],
+                         **{key: _number(record.get(metric, "")) for key, metric in NCU_METRICS.items()}})
+    return launches
+
+
+def ncu_gemv() -> dict:
+    launches = run_ncu("qgemv", 0, 12, "--gemv-driver")
+    if isinstance(launches, dict):
+        return launches
     # 3 calls per shape: keep each shape's third (warm) call
     per_shape = {}
     for index, shape in enumerate(_shapes()):
@@ -132,7 +160,7 @@ def profile_decode_step(context: int = 1024) -> dict:
 
 
 def _kernel_kind(name: str) -> str:
-    for pattern, kind in (("qgemv", "trimtab GEMV"), ("decode_attention", "attention (trimtab)"),
+    for pattern, kind in (("qgemv", "trimtab GEMV"), ("decode_attention|attention_merge", "attention (trimtab)"),
                           ("fmha|attention|flash|efficient", "attention (SDPA)"), ("rotary_kv", "rotary + KV write"),
                           ("rms|norm", "RMSNorm"), ("index_copy|indexing|scatter", "KV cache write"),
                           ("silu|mul|add|sub|cat|copy|roll|cos|sin|fill|where|compare|bitwise|elementwise",
@@ -165,6 +193,16 @@ def report(path: Path) -> None:
                                    "stall: fixed latency", "stall: barrier"], rows) + "\n\n")
     elif gemv:
         body += f"ncu did not run: {gemv['error'][:300]}\n\n"
+    decode = r.get("ncu_decode", {})
+    if decode and "error" not in decode:
+        rows = [[kind, f"{m['duration_us'] / 1e3:.1f}", f"{m['dram_tbps'] / 1e12:.2f}", f"{m['sm_pct']:.0f}%",
+                 f"{m['occupancy_pct']:.0f}%", f"{m['registers']:.0f}", f"{m['blocks']:.0f}",
+                 f"{m['stall_long_scoreboard']:.1f}", f"{m['stall_wait']:.1f}", f"{m['stall_barrier']:.1f}",
+                 f"{m['stall_short_scoreboard']:.1f}"] for kind, m in decode.items()]
+        body += ("`ncu` on the decode step's other kernels (Llama-3-8B shapes, context 1024, one launch each):\n\n"
+                 + markdown_table(["kernel", "µs", "DRAM TB/s", "SM % peak", "occupancy %", "registers", "blocks",
+                                   "stall: memory", "stall: fixed latency", "stall: barrier",
+                                   "stall: shared memory"], rows) + "\n\n")
     step = r.get("decode_step")
     if step:
         rows = [[kind, f"{v['us']:.0f}", str(v["launches"]), f"{v['us'] / step['kernel_us_per_token']:.0%}"]
@@ -180,11 +218,14 @@ def report(path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gemv-driver", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--decode-driver", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--report", type=Path)
-    parser.add_argument("--parts", default="ncu,decode")
+    parser.add_argument("--parts", default="ncu_gemv,ncu_decode,decode")
     args = parser.parse_args()
     if args.gemv_driver:
         return gemv_driver()
+    if args.decode_driver:
+        return decode_driver()
     if args.report:
         return report(args.report)
     import time
@@ -192,10 +233,19 @@ def main() -> None:
     import torch
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS
     results = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
-    parts = set(args.parts.split(","))
-    if "ncu" in parts:
+    parts = set(args.parts.split(","))  # ncu_gemv, ncu_decode, decode
+    if "ncu_gemv" in parts:
         results["ncu_gemv"] = ncu_gemv()
         print(json.dumps(results["ncu_gemv"], indent=1)[:4000], flush=True)
+    if "ncu_decode" in parts:  # the decode step's other kernels: the last launch of each in the last step
+        launches = run_ncu("trimtab_cuda.*(decode_attention|attention_merge|rms_norm|rotary_kv)", 0, 1000,
+                           "--decode-driver")
+        if isinstance(launches, list):
+            launches = {kind: next(l for l in reversed(launches) if kind in l["kernel"])
+                        for kind in ("decode_attention", "attention_merge", "rms_norm", "rotary_kv")
+                        if any(kind in l["kernel"] for l in launches)}
+        results["ncu_decode"] = launches
+        print(json.dumps(results["ncu_decode"], indent=1)[:3000], flush=True)
     if "decode" in parts:
         results["decode_step"] = profile_decode_step()
         print(json.dumps(results["decode_step"], indent=1), flush=True)

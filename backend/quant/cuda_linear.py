@@ -3,7 +3,7 @@ into the GPU layout (docs/CUDA.md) and run by the CUDA kernels (csrc/cuda/, back
 
     linear = CudaPackedLinear(layer, bias, "cuda", torch.bfloat16)   # PackedLinear.from_canonical does this
     y = linear(x)     # x: [..., in] → [..., out] in x's dtype; up to 8 rows: the GEMV on the packed
-                      # words; more rows: columns dequantized into a float16/bfloat16 slice + cuBLAS
+                      # words; more rows: columns dequantized into a slice in the activations' dtype + cuBLAS
 """
 from __future__ import annotations
 
@@ -80,8 +80,10 @@ class SplitKWorkspace:
 class CudaPackedLinear(PackedLinear):
     """y = x Wᵀ + b on the GPU layout. Activations float16, bfloat16 or float32 (others computed in float16)."""
 
-    # GEMV blocks per multiprocessor the K split aims for (docs/CUDA.md; bench/gpu_bench.py measures it)
-    blocks_per_multiprocessor = 4
+    # The GEMV's K split (docs/CUDA.md; bench/gpu_bench.py measures both): None splits 1-2 rows into a
+    # chunk of 32 rows per warp, more rows aim at 4 blocks per multiprocessor; a number aims every
+    # batch at that many blocks per multiprocessor.
+    blocks_per_multiprocessor: int | None = None
 
     def __init__(self, layer: QuantizedLinear, bias: torch.Tensor | None, device, dtype: torch.dtype):
         self.device = torch.device(device)
@@ -99,11 +101,12 @@ class CudaPackedLinear(PackedLinear):
             scale_min = torch.stack([layer.scales, layer.mins], dim=-1)                 # half [groups, out, 2]
             self.scale_min = F.pad(scale_min, (0, 0, 0, out_pad - self.out_features)).to(self.device).contiguous()
             self.bias = None if bias is None else bias.to(device=self.device, dtype=torch.float32).contiguous()
-            self.target_blocks = self.blocks_per_multiprocessor * cuda_ops.multiprocessor_count(self.words)
+            self.multiprocessors = cuda_ops.multiprocessor_count(self.words)
+            self.split_policy = type(self).blocks_per_multiprocessor
             SplitKWorkspace.reserve(
                 self.device,
                 max(cuda_ops.qgemv_workspace(self.words, self.scale_min, self.meta, self.out_features, rows,
-                                             self.target_blocks) for rows in range(1, GEMV_MAX_ROWS + 1)),
+                                             self.target_blocks(rows)) for rows in range(1, GEMV_MAX_ROWS + 1)),
                 cuda_ops.qgemv_counters(self.words, self.scale_min, self.meta, self.out_features))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,13 +123,20 @@ class CudaPackedLinear(PackedLinear):
         y = self.gemv(rows) if rows.shape[0] <= GEMV_MAX_ROWS else self.dequantized_matmul(rows)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    def target_blocks(self, rows: int) -> int:
+        """The GEMV grid's target size for `rows` rows (the K split follows from it)."""
+        if self.split_policy is None and rows <= 2:
+            return 1 << 30   # as many splits as there are chunks for the warps: a chunk each
+        return (self.split_policy or 4) * self.multiprocessors
+
     def gemv(self, rows: torch.Tensor, gate: torch.Tensor | None = None,
              residual: torch.Tensor | None = None) -> torch.Tensor:
         """rows: [1-8, in] float16/bfloat16/float32 → [rows, out]: residual + b + u Wᵀ, where u is rows,
         or silu(gate)·rows given gate (rows' shape and strides) — the decode step's fusions."""
         workspace, counters = SplitKWorkspace.tensors(self.device)
         return cuda_ops.qgemv(rows, self.in_features, self.words, self.scale_min, self.meta, self.xmap, self.bias,
-                              self.out_features, workspace, counters, self.target_blocks, gate, residual)
+                              self.out_features, workspace, counters, self.target_blocks(rows.shape[0]), gate,
+                              residual)
 
     def dequantized_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         """rows: [n, in] → [n, out]: W's columns dequantized a slice at a time, then cuBLAS."""

@@ -220,7 +220,7 @@ Tensor rotary_kv(const Tensor& q, const Tensor& k, const Tensor& v, Tensor keys,
 }
 
 Tensor decode_attention(const Tensor& q, const Tensor& keys, const Tensor& values, const Tensor& position,
-                        const Tensor& first_slot, Tensor workspace, Tensor counters, double scale, int64_t window) {
+                        const Tensor& first_slot, Tensor workspace, double scale, int64_t window) {
   const char* op = "decode_attention";
   c10::cuda::CUDAGuard guard(q.device());
   const int code = dtype_code(q, op);
@@ -238,12 +238,10 @@ Tensor decode_attention(const Tensor& q, const Tensor& keys, const Tensor& value
   TT_CHECK(workspace.is_cuda() && workspace.scalar_type() == at::kFloat &&
                workspace.numel() >= trimtab_cuda::attention_workspace_floats(int(kv_heads), int(slots), int(head_dim)),
            op, "workspace too small");
-  TT_CHECK(counters.is_cuda() && counters.scalar_type() == at::kInt && counters.numel() >= kv_heads, op,
-           "counters too small");
   Tensor out = at::empty_like(q);
   trimtab_cuda::AttentionArgs a{q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(),
                                 position.data_ptr<int64_t>(), first_slot.data_ptr<int64_t>(),
-                                workspace.data_ptr<float>(), counters.data_ptr<int32_t>(), float(scale),
+                                workspace.data_ptr<float>(), float(scale),
                                 int(kv_heads), int(group), int(head_dim), int(slots), window, keys.stride(1),
                                 keys.stride(2)};
   check_cuda(trimtab_cuda::decode_attention(a, code, c10::cuda::getCurrentCUDAStream()), op);
@@ -275,7 +273,7 @@ TORCH_LIBRARY(trimtab_cuda, m) {
   m.def("rotary_kv(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor position, "
         "Tensor inv_freq, float scaling, int head_dim, int rotary_dim) -> Tensor", &rotary_kv);
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor position, Tensor first_slot, "
-        "Tensor(a!) workspace, Tensor(b!) counters, float scale, int window) -> Tensor", &decode_attention);
+        "Tensor(a!) workspace, float scale, int window) -> Tensor", &decode_attention);
   m.def("attention_workspace(int kv_heads, int slots, int head_dim) -> int", &attention_workspace);
   m.def("attention_supported(int head_dim, int group) -> bool", &attention_supported);
 }

@@ -36,7 +36,6 @@ struct AttentionArgs {
   const int64_t* position; // device: the last valid slot
   const int64_t* first_slot;  // device: the first valid slot (left padding)
   float* workspace;        // attention_workspace_floats
-  int* counters;           // [kv_heads], zero (left zero)
   float scale;
   int kv_heads, group, head_dim, max_slots;
   int64_t window;          // sliding window, 0 for none

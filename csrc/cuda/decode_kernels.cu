@@ -3,7 +3,7 @@
 //   rms_norm         y = weight · round(x / rms(x))                     (HF: statistics in float32)
 //   rotary_kv        q, k ← rotary(q, k) at the step's position; k, v written into the cache slot
 //   decode_attention softmax(q Kᵀ / √d) V over the cache's valid slots, split over the slots
-//                    (flash-decoding): each block a range of slots, the last block of a head merges
+//                    (flash-decoding): each block a range of slots, then a kernel merging the splits
 // Device-side positions (read from memory, not kernel arguments), so one captured graph serves
 // every step.
 #include <float.h>
@@ -33,29 +33,42 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // ---- RMSNorm: one block per row -------------------------------------------------------------------
 
-constexpr int kNormThreads = 512;
+constexpr int kNormThreads = 1024;
+constexpr int kNormPerThread = 16;  // rows up to 16384 wide keep x in registers between the passes
 
 template <typename T>
 __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const T* x, const T* weight, T* y, int dim, float eps) {
   __shared__ float partial[kNormThreads / 32];
   const T* row = x + size_t(blockIdx.x) * dim;
+  T* out = y + size_t(blockIdx.x) * dim;
+  float v[kNormPerThread];
   float sum = 0.0f;
-  for (int i = threadIdx.x; i < dim; i += kNormThreads) {
-    const float v = Io<T>::load(row[i]);
-    sum = fmaf(v, v, sum);
+#pragma unroll
+  for (int k = 0; k < kNormPerThread; ++k) {  // all loads first: one memory latency
+    const int i = threadIdx.x + k * kNormThreads;
+    v[k] = i < dim ? Io<T>::load(row[i]) : 0.0f;
+  }
+#pragma unroll
+  for (int k = 0; k < kNormPerThread; ++k) sum = fmaf(v[k], v[k], sum);
+  for (int i = threadIdx.x + kNormPerThread * kNormThreads; i < dim; i += kNormThreads) {  // wider rows
+    const float w = Io<T>::load(row[i]);
+    sum = fmaf(w, w, sum);
   }
   sum = warp_sum(sum);
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
   __syncthreads();
   if (threadIdx.x < 32) {
-    sum = threadIdx.x < kNormThreads / 32 ? partial[threadIdx.x] : 0.0f;
-    sum = warp_sum(sum);
+    sum = warp_sum(partial[threadIdx.x]);
     if (threadIdx.x == 0) partial[0] = rsqrtf(sum / float(dim) + eps);
   }
   __syncthreads();
   const float inv = partial[0];
-  T* out = y + size_t(blockIdx.x) * dim;
-  for (int i = threadIdx.x; i < dim; i += kNormThreads)
+#pragma unroll
+  for (int k = 0; k < kNormPerThread; ++k) {
+    const int i = threadIdx.x + k * kNormThreads;
+    if (i < dim) out[i] = Io<T>::store(Io<T>::load(weight[i]) * round_trip<T>(v[k] * inv));
+  }
+  for (int i = threadIdx.x + kNormPerThread * kNormThreads; i < dim; i += kNormThreads)
     out[i] = Io<T>::store(Io<T>::load(weight[i]) * round_trip<T>(Io<T>::load(row[i]) * inv));
 }
 
@@ -95,7 +108,8 @@ __global__ void rotary_kv_kernel(RotaryKvArgs a) {
 // Block (kv head, split): the split's slots [split·kSlots, +kSlots) ∩ [first valid, position].
 // Each warp scores its slots for all G query heads of the kv head (a lane holds HD/32 dims), the
 // block takes the softmax's max and sum over its slots, then each thread sums p·V for its dims.
-// The partial (max, sum, output) goes to the workspace; the last block of the head merges them.
+// The partial (max, sum, output) goes to the workspace; a second kernel merges the splits (merging
+// in the last block of each head, one thread serially over several outputs, measured slower).
 
 constexpr int kAttnThreads = 128;
 constexpr int kSlots = 32;  // slots a block scores: a 1k cache is 33 blocks a KV head
@@ -106,7 +120,6 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(Attentio
   constexpr int kPerLane = HD / 32;
   __shared__ float scores[kMaxGroup][kSlots];
   __shared__ float stats[kMaxGroup][2];  // max, sum
-  __shared__ int is_last;
   const int kv = blockIdx.x, split = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int G = a.group;
@@ -186,53 +199,43 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(Attentio
     part[threadIdx.x * (HD + 2) + HD] = n > 0 ? stats[threadIdx.x][0] : -FLT_MAX;
     part[threadIdx.x * (HD + 2) + HD + 1] = n > 0 ? stats[threadIdx.x][1] : 0.0f;
   }
-  // the last block of this kv head to finish merges the splits
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) is_last = atomicAdd(a.counters + kv, 1) == int(gridDim.y) - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  const float* parts = a.workspace + size_t(kv) * gridDim.y * (kMaxGroup * (HD + 2));
-  const int splits = int(gridDim.y);
+}
+
+// Merge the splits' partials: one thread per (query head, dim), the splits' loads unrolled.
+template <typename T, int HD>
+__global__ void __launch_bounds__(HD) attention_merge_kernel(AttentionArgs a, int splits) {
   constexpr int kStride = kMaxGroup * (HD + 2);
-  // per query head (a warp each): the overall max and sum over the splits, lanes over splits
-  for (int g = warp; g < G; g += kAttnThreads / 32) {
-    float m = -FLT_MAX;
-    for (int s = lane; s < splits; s += 32) m = fmaxf(m, __ldcg(parts + s * kStride + g * (HD + 2) + HD));
-    m = warp_max(m);
-    float l = 0.0f;
-    for (int s = lane; s < splits; s += 32) {
-      const float* p = parts + s * kStride + g * (HD + 2);
-      const float sl = __ldcg(p + HD + 1);
-      if (sl > 0.0f) l = fmaf(sl, __expf(__ldcg(p + HD) - m), l);
-    }
-    l = warp_sum(l);
-    if (lane == 0) stats[g][0] = m, stats[g][1] = l;
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < G * HD; i += kAttnThreads) {
-    const int g = i / HD, d = i % HD;
-    const float m = stats[g][0], l = stats[g][1];
-    float o = 0.0f;
+  const int head = blockIdx.x, d = threadIdx.x;
+  const int kv = head / a.group, g = head % a.group;
+  const float* parts = a.workspace + size_t(kv) * splits * kStride + g * (HD + 2);
+  float m = -FLT_MAX;
 #pragma unroll 8
-    for (int s = 0; s < splits; ++s) {  // independent loads: the unrolled iterations overlap
-      const float* p = parts + s * kStride + g * (HD + 2);
-      const float sl = __ldcg(p + HD + 1);
-      o += sl > 0.0f ? __ldcg(p + d) * __expf(__ldcg(p + HD) - m) : 0.0f;
-    }
-    static_cast<T*>(a.out)[size_t(kv * G + g) * HD + d] = Io<T>::store(l > 0.0f ? o / l : 0.0f);
+  for (int s = 0; s < splits; ++s) m = fmaxf(m, __ldcg(parts + s * kStride + HD));
+  float l = 0.0f, o = 0.0f;
+#pragma unroll 8
+  for (int s = 0; s < splits; ++s) {
+    const float* p = parts + s * kStride;
+    const float sl = __ldcg(p + HD + 1);
+    const float w = sl > 0.0f ? __expf(__ldcg(p + HD) - m) : 0.0f;
+    l = fmaf(sl, w, l);
+    o = fmaf(sl > 0.0f ? __ldcg(p + d) : 0.0f, w, o);
   }
-  if (threadIdx.x == 0) a.counters[kv] = 0;  // ready for the next step (and graph replay)
+  static_cast<T*>(a.out)[size_t(head) * HD + d] = Io<T>::store(l > 0.0f ? o / l : 0.0f);
+}
+
+template <typename T, int HD>
+void launch_attention_hd(const AttentionArgs& a, cudaStream_t stream) {
+  const int splits = attention_splits(a.max_slots);
+  decode_attention_kernel<T, HD><<<dim3(a.kv_heads, splits), kAttnThreads, 0, stream>>>(a);
+  attention_merge_kernel<T, HD><<<a.kv_heads * a.group, HD, 0, stream>>>(a, splits);
 }
 
 template <typename T>
 cudaError_t launch_attention(const AttentionArgs& a, cudaStream_t stream) {
-  const dim3 grid(a.kv_heads, attention_splits(a.max_slots));
   switch (a.head_dim) {
-    case 64: decode_attention_kernel<T, 64><<<grid, kAttnThreads, 0, stream>>>(a); break;
-    case 128: decode_attention_kernel<T, 128><<<grid, kAttnThreads, 0, stream>>>(a); break;
-    case 256: decode_attention_kernel<T, 256><<<grid, kAttnThreads, 0, stream>>>(a); break;
+    case 64: launch_attention_hd<T, 64>(a, stream); break;
+    case 128: launch_attention_hd<T, 128>(a, stream); break;
+    case 256: launch_attention_hd<T, 256>(a, stream); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();

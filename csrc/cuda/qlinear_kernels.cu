@@ -39,55 +39,65 @@ __device__ __forceinline__ uint4 load_streaming(const uint4* p) {
   return v;
 }
 
-// Stage the block's chunks of x as float16 pairs (x[t], x[t + 16]) scaled by a power of two
-// per (row, chunk) so that |x| < 1 (float16 sums of 16 products then stay far from overflow),
-// with each (row, chunk)'s scale and exact float sum.
+// Stage chunks of x as float16 pairs (x[t], x[t + 16]) scaled by a power of two per (row, chunk)
+// so that |x| < 1 (float16 sums of 16 products then stay far from overflow), with each (row,
+// chunk)'s scale and exact float sum. One warp stages one chunk: lane = row within it.
+
+// x rows of local chunk lc as this lane's values (0 past the layer's rows); silu(gate)·x if gated
 template <typename T, int NB>
-__device__ void stage_x(const GemvArgs& a, int c_begin, int c_count, half2* xs, float* xscale, float* xsum) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+__device__ __forceinline__ void load_chunk_x(const GemvArgs& a, int c_begin, int lc, int c_count, float (&v)[NB]) {
+  const int lane = threadIdx.x % 32;
   const T* x = static_cast<const T*>(a.x);
-  const int cps = a.chunks_per_split;
-  // every load first (independent, all in flight together), then the reductions: staging costs
-  // one memory latency rather than one per chunk
-  float v[kMaxStagePasses][NB];
+  const int row = (c_begin + lc) * kChunkRows + lane;
+  const int src = lc >= c_count ? -1 : a.layer.xmap ? __ldg(a.layer.xmap + row) : row;
 #pragma unroll
-  for (int p = 0; p < kMaxStagePasses; ++p) {
-    const int lc = warp + p * kWarps;
-    const int row = (c_begin + lc) * kChunkRows + lane;
-    const int src = lc >= c_count ? -1 : a.layer.xmap ? __ldg(a.layer.xmap + row) : row;
-#pragma unroll
-    for (int b = 0; b < NB; ++b) v[p][b] = src >= 0 ? Io<T>::load(x[b * a.ldx + src]) : 0.0f;
-    if (a.gate != nullptr) {  // the gated MLP's silu(gate)·up, rounded as the unfused ops round it
-      const T* gate = static_cast<const T*>(a.gate);
-#pragma unroll
-      for (int b = 0; b < NB; ++b) {
-        const float g = src >= 0 ? Io<T>::load(gate[b * a.ldx + src]) : 0.0f;
-        v[p][b] = Io<T>::load(Io<T>::store(Io<T>::load(Io<T>::store(g / (1.0f + __expf(-g)))) * v[p][b]));
-      }
-    }
-  }
-#pragma unroll
-  for (int p = 0; p < kMaxStagePasses; ++p) {
-    const int lc = warp + p * kWarps;
-    if (lc >= c_count) break;  // the same for the whole warp
+  for (int b = 0; b < NB; ++b) v[b] = src >= 0 ? Io<T>::load(x[b * a.ldx + src]) : 0.0f;
+  if (a.gate != nullptr) {  // the gated MLP's silu(gate)·up, rounded as the unfused ops round it
+    const T* gate = static_cast<const T*>(a.gate);
 #pragma unroll
     for (int b = 0; b < NB; ++b) {
-      float amax = fabsf(v[p][b]), sum = v[p][b];
-#pragma unroll
-      for (int o = 16; o; o >>= 1) {
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-        sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      }
-      int e = 0;
-      frexpf(amax, &e);  // amax < 2^e
-      const bool zero = !(amax > 0.0f);
-      half* pairs = reinterpret_cast<half*>(xs + (b * cps + lc) * kPairs);
-      pairs[(lane & 15) * 2 + (lane >> 4)] = __float2half_rn(zero ? 0.0f : ldexpf(v[p][b], -e));
-      if (lane == 0) {
-        xscale[b * cps + lc] = zero ? 0.0f : ldexpf(1.0f, e);
-        xsum[b * cps + lc] = sum;
-      }
+      const float g = src >= 0 ? Io<T>::load(gate[b * a.ldx + src]) : 0.0f;
+      v[b] = Io<T>::load(Io<T>::store(Io<T>::load(Io<T>::store(g / (1.0f + __expf(-g)))) * v[b]));
     }
+  }
+}
+
+template <int NB>
+__device__ __forceinline__ void store_chunk_x(const float (&v)[NB], int lc, int cps, half2* xs, float* xscale,
+                                              float* xsum) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int b = 0; b < NB; ++b) {
+    float amax = fabsf(v[b]), sum = v[b];
+#pragma unroll
+    for (int o = 16; o; o >>= 1) {
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+      sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    }
+    int e = 0;
+    frexpf(amax, &e);  // amax < 2^e
+    const bool zero = !(amax > 0.0f);
+    half* pairs = reinterpret_cast<half*>(xs + (b * cps + lc) * kPairs);
+    pairs[(lane & 15) * 2 + (lane >> 4)] = __float2half_rn(zero ? 0.0f : ldexpf(v[b], -e));
+    if (lane == 0) {
+      xscale[b * cps + lc] = zero ? 0.0f : ldexpf(1.0f, e);
+      xsum[b * cps + lc] = sum;
+    }
+  }
+}
+
+// The block's chunks, warp w staging chunks w, w + 8, ...: every load first (all in flight
+// together), then the reductions, so staging costs one memory latency rather than one per chunk.
+template <typename T, int NB>
+__device__ void stage_x(const GemvArgs& a, int c_begin, int c_count, half2* xs, float* xscale, float* xsum) {
+  const int warp = threadIdx.x / 32;
+  float v[kMaxStagePasses][NB];
+#pragma unroll
+  for (int p = 0; p < kMaxStagePasses; ++p) load_chunk_x<T, NB>(a, c_begin, warp + p * kWarps, c_count, v[p]);
+#pragma unroll
+  for (int p = 0; p < kMaxStagePasses; ++p) {
+    if (warp + p * kWarps >= c_count) break;  // the same for the whole warp
+    store_chunk_x<NB>(v[p], warp + p * kWarps, a.chunks_per_split, xs, xscale, xsum);
   }
 }
 
@@ -175,6 +185,21 @@ __device__ __forceinline__ void run_chunk(const QLayer& L, ChunkWords& cw, int c
   gemv_chunk<NB, BITS>(cw, active, lc, cps, xs, xscale, xsum, acc);
 }
 
+// A warp's own chunk (a chunk per warp): its words are requested first, then the warp stages its
+// rows of x while they arrive, then computes.
+template <typename T, int NB, int BITS>
+__device__ __forceinline__ void run_own_chunk(const GemvArgs& a, ChunkWords& cw, int c_begin, int c_count, int col4,
+                                              bool active, half2* xs, float* xscale, float* xsum,
+                                              float (&acc)[NB][4]) {
+  const int lc = threadIdx.x / 32;
+  fetch_chunk<BITS>(a.layer, col4, active, cw);
+  float v[NB];
+  load_chunk_x<T, NB>(a, c_begin, lc, c_count, v);
+  store_chunk_x<NB>(v, lc, a.chunks_per_split, xs, xscale, xsum);
+  __syncwarp();
+  gemv_chunk<NB, BITS>(cw, active, lc, a.chunks_per_split, xs, xscale, xsum, acc);
+}
+
 // What the output adds to x Wᵀ: the bias and the residual (either may be absent).
 template <typename T>
 __device__ __forceinline__ float epilogue_addend(const GemvArgs& a, int b, int col) {
@@ -199,24 +224,40 @@ __global__ void __launch_bounds__(kThreads, NB > 2 ? 1 : NB == 1 ? 4 : 3) qgemv_
   half2* xs = reinterpret_cast<half2*>(smem);                               // [NB, cps, 16]
   float* xscale = reinterpret_cast<float*>(smem + size_t(NB) * cps * kPairs * 4);  // [NB, cps]
   float* xsum = xscale + NB * cps;                                          // [NB, cps]
-  stage_x<T, NB>(a, c_begin, c_count, xs, xscale, xsum);
-  __syncthreads();
-
   float acc[NB][4];
 #pragma unroll
   for (int b = 0; b < NB; ++b)
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[b][c] = 0.0f;
-  for (int lc = warp; lc < c_count; lc += kWarps) {
-    ChunkWords c;
-    c.m = __ldg(reinterpret_cast<const int4*>(L.meta) + c_begin + lc);
-    switch (c.m.y) {  // the same for the whole warp: no divergence
-      case 2: run_chunk<NB, 2>(L, c, col4, active, lc, cps, xs, xscale, xsum, acc); break;
-      case 3: run_chunk<NB, 3>(L, c, col4, active, lc, cps, xs, xscale, xsum, acc); break;
-      case 4: run_chunk<NB, 4>(L, c, col4, active, lc, cps, xs, xscale, xsum, acc); break;
-      case 5: run_chunk<NB, 5>(L, c, col4, active, lc, cps, xs, xscale, xsum, acc); break;
-      case 6: run_chunk<NB, 6>(L, c, col4, active, lc, cps, xs, xscale, xsum, acc); break;
-      default: run_chunk<NB, 8>(L, c, col4, active, lc, cps, xs, xscale, xsum, acc); break;
+
+  if (cps <= kWarps) {  // a chunk per warp: no loop, no barrier before the arithmetic
+    if (warp < c_count) {
+      ChunkWords c;
+      c.m = __ldg(reinterpret_cast<const int4*>(L.meta) + c_begin + warp);
+      switch (c.m.y) {  // the same for the whole warp: no divergence
+        case 2: run_own_chunk<T, NB, 2>(a, c, c_begin, c_count, col4, active, xs, xscale, xsum, acc); break;
+        case 3: run_own_chunk<T, NB, 3>(a, c, c_begin, c_count, col4, active, xs, xscale, xsum, acc); break;
+        case 4: run_own_chunk<T, NB, 4>(a, c, c_begin, c_count, col4, active, xs, xscale, xsum, acc); break;
+        case 5: run_own_chunk<T, NB, 5>(a, c, c_begin, c_count, col4, active, xs, xscale, xsum, acc); break;
+        case 6: run_own_chunk<T, NB, 6>(a, c, c_begin, c_count, col4, active, xs, xscale, xsum, acc); break;
+        default: run_own_chunk<T, NB, 8>(a, c, c_begin, c_count, col4, active, xs, xscale, xsum, acc); break;
+      }
+    }
+  } else {
+    stage_x<T, NB>(a, c_begin, c_count, xs, xscale, xsum);
+    __syncthreads();
+
+    for (int lc = warp; lc < c_count; lc += kWarps) {
+      ChunkWords c;
+      c.m = __ldg(reinterpret_cast<const int4*>(L.meta) + c_begin + lc);
+      switch (c.m.y) {  // the same for the whole warp: no divergence
+        case 2: run_chunk<NB, 2>(L, c, col4, active, lc, cps, xs, xscale, xsum, acc); break;
+        case 3: run_chunk<NB, 3>(L, c, col4, active, lc, cps, xs, xscale, xsum, acc); break;
+        case 4: run_chunk<NB, 4>(L, c, col4, active, lc, cps, xs, xscale, xsum, acc); break;
+        case 5: run_chunk<NB, 5>(L, c, col4, active, lc, cps, xs, xscale, xsum, acc); break;
+        case 6: run_chunk<NB, 6>(L, c, col4, active, lc, cps, xs, xscale, xsum, acc); break;
+        default: run_chunk<NB, 8>(L, c, col4, active, lc, cps, xs, xscale, xsum, acc); break;
+      }
     }
   }
   __syncthreads();  // the staged x is no longer read: its memory takes the warps' partial sums
@@ -252,6 +293,8 @@ __global__ void __launch_bounds__(kThreads, NB > 2 ? 1 : NB == 1 ? 4 : 3) qgemv_
     const int b = i / kWarpCols, col = tile * kWarpCols + i % kWarpCols;
     if (col >= L.out) continue;
     float s = epilogue_addend<T>(a, b, col);
+    // independent loads: an unrolled pass has 16 in flight
+#pragma unroll 16
     for (int k = 0; k < a.splits; ++k) s += __ldcg(a.workspace + (size_t(k) * NB + b) * L.out_pad + col);
     y[b * a.ldy + col] = Io<T>::store(s);
   }
@@ -359,7 +402,7 @@ int tiles_of(const QLayer& L) { return ceil_div(L.out_pad, kWarpCols); }
 int chunks_per_split(const QLayer& L, int batch, int target_blocks) {
   const int tiles = tiles_of(L);
   int splits = std::max(1, ceil_div(target_blocks, tiles));
-  splits = std::min(splits, std::max(1, L.chunks / kWarps));
+  splits = std::min(splits, ceil_div(L.chunks, kWarps));  // a chunk per warp at most
   splits = std::max(splits, ceil_div(int64_t(L.chunks) * batch * kStageBytesPerChunkRow, kStageBytes));
   splits = std::max(splits, ceil_div(L.chunks, kWarps * kMaxStagePasses));
   splits = std::min(splits, L.chunks);
