@@ -14,7 +14,9 @@ up GEMVs, and the down GEMV that takes silu(gate)·up as its input and adds the 
 linear runs those last two as torch ops). The graph reads the token and the position from device tensors written before each replay,
 attends over the whole static cache under a mask built from the position, and writes the logits
 into a static tensor (valid until the next step). A new cache object is captured anew. Batch 1,
-full or sliding-window attention, HF (non-interleaved) rotary.
+full or sliding-window attention, HF (non-interleaved) rotary. Under tensor parallelism each rank
+captures its share of every layer and the two all-reduces of a layer (NCCL, captured into the graph);
+the residual adds then follow the all-reduce instead of riding in the GEMV.
 """
 from __future__ import annotations
 
@@ -81,10 +83,10 @@ class CudaGraphDecoder:
                 mask, causal = mask[None, None], False
             out = F.scaled_dot_product_attention(q, k_all.repeat_interleave(groups, 1),
                                                  v_all.repeat_interleave(groups, 1), attn_mask=mask, is_causal=causal)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(1, S, attn.num_heads * attn.head_dim))
+            x = x + m.tp.all_reduce(attn.o_proj(out.transpose(1, 2).reshape(1, S, attn.num_heads * attn.head_dim)))
             h = _rms_norm(x, layer.post_attention_layernorm)
             mlp = layer.mlp
-            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+            x = x + m.tp.all_reduce(mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h)))
         cache.advance(S)
         return x
 
@@ -148,10 +150,10 @@ class CudaGraphDecoder:
             out = cuda_ops.decode_attention(q, keys, values, self.position, self.first_slot,
                                             self.attention_workspace, attn.head_dim ** -0.5,
                                             layer.sliding_window or 0)
-            x = _linear_plus(attn.o_proj, out, x)
+            x = _linear_plus(attn.o_proj, out, x, m.tp)
             h = cuda_ops.rms_norm(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
             mlp = layer.mlp
-            x = _gated_linear_plus(mlp.down_proj, mlp.gate_proj(h), mlp.up_proj(h), x)
+            x = _gated_linear_plus(mlp.down_proj, mlp.gate_proj(h), mlp.up_proj(h), x, m.tp)
         return m.lm_head(cuda_ops.rms_norm(x, m.norm.weight, m.norm.eps)).float().view(-1)   # [V]
 
     def _torch_step_ops(self, cache: KVCache) -> torch.Tensor:
@@ -164,10 +166,11 @@ class CudaGraphDecoder:
             window = layer.sliding_window
             if window not in masks:
                 masks[window] = self._mask(cache, window)                   # [1, 1, 1, T] bool
-            x = x + self._attention(layer, _rms_norm(x, layer.input_layernorm), rotary, cache, masks[window])
+            x = x + m.tp.all_reduce(self._attention(layer, _rms_norm(x, layer.input_layernorm), rotary, cache,
+                                                    masks[window]))
             h = _rms_norm(x, layer.post_attention_layernorm)
             mlp = layer.mlp
-            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+            x = x + m.tp.all_reduce(mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h)))
         return m.lm_head(_rms_norm(x, m.norm)).float().view(-1)             # [V]
 
     def _mask(self, cache: KVCache, window: int | None) -> torch.Tensor:
@@ -192,18 +195,23 @@ class CudaGraphDecoder:
         return attn.o_proj(out.reshape(1, 1, attn.num_heads * attn.head_dim))
 
 
-def _linear_plus(linear, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """residual + linear(x), the add inside the GEMV where the layer is quantized."""
-    if isinstance(linear, CudaPackedLinear):
-        return linear.gemv(x, residual=residual)
-    return residual + linear(x)
+def _linear_plus(linear, x: torch.Tensor, residual: torch.Tensor, tp) -> torch.Tensor:
+    """residual + Σ_ranks linear(x): the add inside the GEMV where the layer is quantized and whole."""
+    if not isinstance(linear, CudaPackedLinear):
+        return residual + tp.all_reduce(linear(x))
+    if tp.active:
+        return residual + tp.all_reduce(linear.gemv(x))
+    return linear.gemv(x, residual=residual)
 
 
-def _gated_linear_plus(linear, gate: torch.Tensor, up: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """residual + linear(silu(gate)·up), the activation and the add inside the GEMV where quantized."""
-    if isinstance(linear, CudaPackedLinear):
-        return linear.gemv(up, gate=gate, residual=residual)
-    return residual + linear(F.silu(gate) * up)
+def _gated_linear_plus(linear, gate: torch.Tensor, up: torch.Tensor, residual: torch.Tensor, tp) -> torch.Tensor:
+    """residual + Σ_ranks linear(silu(gate)·up): the activation inside the GEMV where quantized, the add
+    too where the layer is whole."""
+    if not isinstance(linear, CudaPackedLinear):
+        return residual + tp.all_reduce(linear(F.silu(gate) * up))
+    if tp.active:
+        return residual + tp.all_reduce(linear.gemv(up, gate=gate))
+    return linear.gemv(up, gate=gate, residual=residual)
 
 
 def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:

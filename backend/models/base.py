@@ -289,7 +289,7 @@ class Transformer:
         self.cuda_decoder = self._cuda_decoder()
 
     def _cuda_decoder(self):
-        if self.device.type != "cuda" or self.tp.world_size > 1 or not hasattr(self.layers[0].mlp, "gate_proj"):
+        if self.device.type != "cuda" or not hasattr(self.layers[0].mlp, "gate_proj"):
             return None
         from trimtab.backend.cuda_decode import CudaGraphDecoder  # builds the CUDA kernels: GPU machines only
         return CudaGraphDecoder(self)

@@ -87,11 +87,12 @@ def pack_group(q: torch.Tensor, bits: int) -> torch.Tensor:
     """q: uint8/int [size, out] in [0, 2^bits) → int32 [packed_words(size, bits), out]."""
     size, out = q.shape
     q = q.to(torch.int64)
-    shifts = torch.arange(bits, dtype=torch.int64)
+    shifts = torch.arange(bits, dtype=torch.int64, device=q.device)
     stream = ((q[:, None, :] >> shifts[None, :, None]) & 1).reshape(size * bits, out)   # [size*b, out]
     words = packed_words(size, bits)
     stream = torch.cat([stream, stream.new_zeros(words * 32 - size * bits, out)])
-    weights = (torch.ones(32, dtype=torch.int64) << torch.arange(32, dtype=torch.int64))[None, :, None]
+    weights = (torch.ones(32, dtype=torch.int64, device=stream.device)
+               << torch.arange(32, dtype=torch.int64, device=stream.device))[None, :, None]
     packed = (stream.reshape(words, 32, out) * weights).sum(dim=1)                       # [words, out] < 2^32
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
@@ -99,9 +100,9 @@ def pack_group(q: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_group(words: torch.Tensor, size: int, bits: int) -> torch.Tensor:
     """int32 [packed_words(size, bits), out] → uint8 [size, out] (the inverse of pack_group)."""
     w = words.to(torch.int64) & 0xFFFFFFFF
-    stream = (w[:, None, :] >> torch.arange(32, dtype=torch.int64)[None, :, None]) & 1    # [words, 32, out]
+    stream = (w[:, None, :] >> torch.arange(32, dtype=torch.int64, device=w.device)[None, :, None]) & 1  # [words, 32, out]
     stream = stream.reshape(-1, w.shape[1])[: size * bits].reshape(size, bits, -1)
-    values = (stream << torch.arange(bits, dtype=torch.int64)[None, :, None]).sum(dim=1)
+    values = (stream << torch.arange(bits, dtype=torch.int64, device=w.device)[None, :, None]).sum(dim=1)
     return values.to(torch.uint8)
 
 
@@ -190,7 +191,7 @@ def validate(layer: QuantizedLinear, name: str) -> None:
         n = layer.in_features
         if layer.perm.dtype != torch.int32 or list(layer.perm.shape) != [n]:
             raise fail(f"perm must be int32 [{n}], got {layer.perm.dtype} {list(layer.perm.shape)}")
-        if not torch.equal(torch.sort(layer.perm.to(torch.int64)).values, torch.arange(n)):
+        if not torch.equal(torch.sort(layer.perm.to(torch.int64)).values, torch.arange(n, device=layer.perm.device)):
             raise fail("perm is not a permutation of the input rows")
 
 

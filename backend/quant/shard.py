@@ -25,7 +25,7 @@ def output_columns(layer: QuantizedLinear, start: int, end: int) -> QuantizedLin
 
 def input_rows(layer: QuantizedLinear, start: int, end: int) -> QuantizedLinear:
     """The layer restricted to original input rows [start, end) (renumbered from 0)."""
-    original = (torch.arange(layer.in_features) if layer.perm is None
+    original = (torch.arange(layer.in_features, device=layer.qweight.device) if layer.perm is None
                 else layer.perm.to(torch.int64))                                  # [in], per quantized row
     keep = (original >= start) & (original < end)                                  # [in]
     sizes, bits, groups = [], [], []
