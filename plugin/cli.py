@@ -20,6 +20,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default="default",
                    help="HF model dir, .gguf file, or 'default' (embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="activations' dtype (default: float32 on the CPU, bfloat16 on a GPU)")
 
 
 def add_tensor_parallel_option(p: argparse.ArgumentParser) -> None:
@@ -79,7 +81,7 @@ def load_model(args: argparse.Namespace):
     parallel = getattr(args, "tensor_parallel", None)
     if parallel is not None and parallel < 1:
         raise TrimtabError(f"--tensor-parallel takes a number of processes (1 or more), got {parallel}")
-    model = load(args.model, device=args.device, tensor_parallel=parallel)
+    model = load(args.model, device=args.device, tensor_parallel=parallel, dtype=getattr(args, "dtype", None))
     if model.transformer.tp.rank != 0:  # every rank computes; one prints
         sys.stdout = open(os.devnull, "w")
     return model

@@ -47,6 +47,15 @@ def test_bad_setting_is_one_clear_line(tiny_dir, capsys):
     assert "temperature" in capsys.readouterr().err
 
 
+def test_dtype_option_is_applied_and_checked(tiny_dir, capsys):
+    assert main(["generate", "w5 w6", "-m", str(tiny_dir), "--dtype", "bfloat16", "--temperature", "0",
+                 "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "w5", "-m", str(tiny_dir), "--dtype", "float8"])
+    assert exit_info.value.code == 2 and "invalid choice: 'float8'" in capsys.readouterr().err
+
+
 def test_wrong_arguments_show_usage():
     result = subprocess.run([sys.executable, "-m", "trimtab", "generate"], capture_output=True, text=True)
     assert result.returncode == 2 and "usage:" in result.stderr and "Traceback" not in result.stderr
