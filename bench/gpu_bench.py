@@ -499,8 +499,9 @@ def report(path: Path) -> None:
         "engine timed the same way (a CUDA graph of 100 calls rotating over 8 weight copies so that L2 cannot help, "
         "median of 5); shapes in×out. trimtab at 4.0 bpw counts every stored bit (a quarter of the groups 3-bit, "
         "the rest 4-bit, an fp16 scale and min per group of 128 rows and column); '4-bit' is every group 4-bit "
-        "(4.25 bpw); trimtab splits K into one 32-row chunk per warp; the two columns after it aim the split at 2 "
-        "and 4 blocks per multiprocessor instead (a warp then runs several chunks in turn). "
+        "(4.25 bpw); trimtab splits K into one 32-row chunk per warp where that makes at most 20 splits (the "
+        "4096-input shapes), else aims at 4 blocks per multiprocessor; the two columns after it aim every shape at 2 "
+        "and 4 blocks per multiprocessor (a warp then runs several chunks in turn). "
         "'% copy' is the bytes trimtab reads per second over the copy bandwidth.\n\n"
         + markdown_table(["shape", "trimtab 4.0 bpw µs", "% copy", "4-bit µs", "2 blocks/SM µs", "4 blocks/SM µs",
                           "ExLlamaV2 µs", "ExLlamaV2 / trimtab", "fp16 cuBLAS µs", "fp16 / trimtab"], rows)

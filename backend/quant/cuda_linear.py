@@ -19,6 +19,7 @@ from trimtab.backend.quant.kernels import PackedLinear
 
 CHUNK_ROWS = 32
 GEMV_MAX_ROWS = 8           # the GEMV kernel's batch limit; above it, dequantize + matmul
+CHUNK_PER_WARP_MAX_SPLITS = 20  # measured: 16 splits (4096 inputs) gain from a chunk per warp, 56 (14336) lose
 SLICE_ELEMENTS = 64 << 20   # the largest dequantized column slice (128 MB in float16)
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -80,9 +81,10 @@ class SplitKWorkspace:
 class CudaPackedLinear(PackedLinear):
     """y = x Wᵀ + b on the GPU layout. Activations float16, bfloat16 or float32 (others computed in float16)."""
 
-    # The GEMV's K split (docs/CUDA.md; bench/gpu_bench.py measures both): None splits 1-2 rows into a
-    # chunk of 32 rows per warp, more rows aim at 4 blocks per multiprocessor; a number aims every
-    # batch at that many blocks per multiprocessor.
+    # The GEMV's K split (docs/CUDA.md; bench/gpu_bench.py measures it): None splits 1-2 rows into a
+    # chunk of 32 rows per warp while that makes at most CHUNK_PER_WARP_MAX_SPLITS splits (past that the
+    # split reduction's read-back costs more than a warp running chunks in turn), and otherwise aims at
+    # 4 blocks per multiprocessor; a number aims every batch at that many blocks per multiprocessor.
     blocks_per_multiprocessor: int | None = None
 
     def __init__(self, layer: QuantizedLinear, bias: torch.Tensor | None, device, dtype: torch.dtype):
@@ -125,7 +127,8 @@ class CudaPackedLinear(PackedLinear):
 
     def target_blocks(self, rows: int) -> int:
         """The GEMV grid's target size for `rows` rows (the K split follows from it)."""
-        if self.split_policy is None and rows <= 2:
+        chunks = self.meta.shape[0]
+        if self.split_policy is None and rows <= 2 and chunks <= 8 * CHUNK_PER_WARP_MAX_SPLITS:
             return 1 << 30   # as many splits as there are chunks for the warps: a chunk each
         return (self.split_policy or 4) * self.multiprocessors
 
