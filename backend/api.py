@@ -138,6 +138,9 @@ class Model:
                 f"vocab {a.vocab_size}, device {self.transformer.device})")
 
 
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _compute_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if dtype is None:
         return torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -173,9 +176,6 @@ def _read_source(path: Path):
     if not path.exists():
         raise ModelFileError(path, "no such file or directory")
     raise ModelFileError(path, "not a model directory (config.json + safetensors) or a GGUF file")
-
-
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load(path: str | os.PathLike | None = None, *, device: str = "cpu", tensor_parallel: int | None = None,

@@ -150,10 +150,10 @@ class CudaGraphDecoder:
             out = cuda_ops.decode_attention(q, keys, values, self.position, self.first_slot,
                                             self.attention_workspace, attn.head_dim ** -0.5,
                                             layer.sliding_window or 0)
-            x = _linear_plus(attn.o_proj, out, x, m.tp)
+            x = _projection_plus(attn.o_proj, out, x, m.tp)
             h = cuda_ops.rms_norm(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
             mlp = layer.mlp
-            x = _gated_linear_plus(mlp.down_proj, mlp.gate_proj(h), mlp.up_proj(h), x, m.tp)
+            x = _projection_plus(mlp.down_proj, mlp.up_proj(h), x, m.tp, gate=mlp.gate_proj(h))
         return m.lm_head(cuda_ops.rms_norm(x, m.norm.weight, m.norm.eps)).float().view(-1)   # [V]
 
     def _torch_step_ops(self, cache: KVCache) -> torch.Tensor:
@@ -195,23 +195,14 @@ class CudaGraphDecoder:
         return attn.o_proj(out.reshape(1, 1, attn.num_heads * attn.head_dim))
 
 
-def _linear_plus(linear, x: torch.Tensor, residual: torch.Tensor, tp) -> torch.Tensor:
-    """residual + Σ_ranks linear(x): the add inside the GEMV where the layer is quantized and whole."""
+def _projection_plus(linear, x: torch.Tensor, residual: torch.Tensor, tp, gate: torch.Tensor | None = None):
+    """residual + Σ_ranks linear(u), u = x or silu(gate)·x: the activation inside the GEMV where the
+    layer is quantized, the residual add too where the layer is also whole (no all-reduce between)."""
     if not isinstance(linear, CudaPackedLinear):
-        return residual + tp.all_reduce(linear(x))
+        return residual + tp.all_reduce(linear(x if gate is None else F.silu(gate) * x))
     if tp.active:
-        return residual + tp.all_reduce(linear.gemv(x))
-    return linear.gemv(x, residual=residual)
-
-
-def _gated_linear_plus(linear, gate: torch.Tensor, up: torch.Tensor, residual: torch.Tensor, tp) -> torch.Tensor:
-    """residual + Σ_ranks linear(silu(gate)·up): the activation inside the GEMV where quantized, the add
-    too where the layer is whole."""
-    if not isinstance(linear, CudaPackedLinear):
-        return residual + tp.all_reduce(linear(F.silu(gate) * up))
-    if tp.active:
-        return residual + tp.all_reduce(linear.gemv(up, gate=gate))
-    return linear.gemv(up, gate=gate, residual=residual)
+        return residual + tp.all_reduce(linear.gemv(x, gate=gate))
+    return linear.gemv(x, gate=gate, residual=residual)
 
 
 def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:

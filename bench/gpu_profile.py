@@ -22,13 +22,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench import SHAPES, bench_layer, llama3_8b_model, measure_model  # noqa: E402
 from report import markdown_table, write_section  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-NCU_METRICS = {
-    "duration_us": "gpu__time_duration.sum",
-    "dram_read_gb": "dram__bytes_read.sum",
-    "dram_tbps": "dram__bytes.sum.per_second",
+NCU_METRICS = {  # read in base units (--print-units base): ns, bytes, bytes/s
+    "duration_ns": "gpu__time_duration.sum",
+    "dram_read_bytes": "dram__bytes_read.sum",
+    "dram_bytes_per_s": "dram__bytes.sum.per_second",
     "memory_pct": "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed",
     "dram_pct": "dram__throughput.avg.pct_of_peak_sustained_elapsed",
     "sm_pct": "sm__throughput.avg.pct_of_peak_sustained_elapsed",
@@ -47,7 +48,6 @@ NCU_METRICS = {
 def gemv_driver() -> None:
     """The four GEMVs, 3 calls each: ncu profiles the third of each shape."""
     import torch
-    from gpu_bench import SHAPES, bench_layer
     from trimtab.backend.quant.cuda_linear import CudaPackedLinear
 
     for name, (k, n) in SHAPES.items():
@@ -61,7 +61,6 @@ def gemv_driver() -> None:
 def decode_driver() -> None:
     """Three decode steps of the Llama-3-8B-shaped model op by op (ncu profiles the third's kernels)."""
     import torch
-    from gpu_bench import llama3_8b_model
     from trimtab.backend.cuda_decode import CudaGraphDecoder
 
     model = llama3_8b_model(True)
@@ -82,7 +81,7 @@ def run_ncu(kernels: str, launch_skip: int, launch_count: int, driver: str) -> l
         return {"error": "ncu not found"}
     command = [str(ncu), "--kernel-name-base", "demangled", "--kernel-name", f"regex:{kernels}",
                "--launch-skip", str(launch_skip), "--launch-count",
-               str(launch_count), "--clock-control", "none", "--metrics", ",".join(NCU_METRICS.values()), "--csv",
+               str(launch_count), "--clock-control", "none", "--print-units", "base", "--metrics", ",".join(NCU_METRICS.values()), "--csv",
                "--page", "raw", sys.executable, __file__, driver]
     proc = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith('"')]
@@ -105,15 +104,10 @@ def ncu_gemv() -> dict:
         return launches
     # 3 calls per shape: keep each shape's third (warm) call
     per_shape = {}
-    for index, shape in enumerate(_shapes()):
+    for index, shape in enumerate(SHAPES):
         if 3 * index + 2 < len(launches):
             per_shape[shape] = launches[3 * index + 2]
     return per_shape
-
-
-def _shapes():
-    from gpu_bench import SHAPES
-    return SHAPES
 
 
 def _number(text: str):
@@ -125,7 +119,6 @@ def _number(text: str):
 
 def profile_decode_step(context: int = 1024) -> dict:
     import torch
-    from gpu_bench import llama3_8b_model, measure_model
     from trimtab.backend.cuda_decode import CudaGraphDecoder
     from torch.profiler import ProfilerActivity, profile
 
@@ -178,8 +171,7 @@ def report(path: Path) -> None:
     if "error" not in gemv and gemv:
         rows = []
         for shape, m in gemv.items():
-            rows.append([shape, f"{m['duration_us'] / 1e3:.1f}" if m['duration_us'] > 100 else f"{m['duration_us']:.1f}",
-                         f"{m['dram_tbps'] / 1e12:.2f}" if m['dram_tbps'] > 1e6 else f"{m['dram_tbps']:.2f}",
+            rows.append([shape, f"{m['duration_ns'] / 1e3:.1f}", f"{m['dram_bytes_per_s'] / 1e12:.2f}",
                          f"{m['dram_pct']:.0f}%", f"{m['sm_pct']:.0f}%", f"{m['issue_pct']:.0f}%",
                          f"{m['occupancy_pct']:.0f}%", f"{m['registers']:.0f}", f"{m['blocks']:.0f}",
                          f"{m['stall_long_scoreboard']:.1f}", f"{m['stall_math_pipe']:.1f}", f"{m['stall_wait']:.1f}",
@@ -195,7 +187,7 @@ def report(path: Path) -> None:
         body += f"ncu did not run: {gemv['error'][:300]}\n\n"
     decode = r.get("ncu_decode", {})
     if decode and "error" not in decode:
-        rows = [[kind, f"{m['duration_us'] / 1e3:.1f}", f"{m['dram_tbps'] / 1e12:.2f}", f"{m['sm_pct']:.0f}%",
+        rows = [[kind, f"{m['duration_ns'] / 1e3:.1f}", f"{m['dram_bytes_per_s'] / 1e12:.2f}", f"{m['sm_pct']:.0f}%",
                  f"{m['occupancy_pct']:.0f}%", f"{m['registers']:.0f}", f"{m['blocks']:.0f}",
                  f"{m['stall_long_scoreboard']:.1f}", f"{m['stall_wait']:.1f}", f"{m['stall_barrier']:.1f}",
                  f"{m['stall_short_scoreboard']:.1f}"] for kind, m in decode.items()]

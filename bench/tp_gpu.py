@@ -41,25 +41,23 @@ class RandomQuantizedWeights(Mapping):
         self.linears = {"self_attn.q_proj": (D, D), "self_attn.k_proj": (kv, D), "self_attn.v_proj": (kv, D),
                         "self_attn.o_proj": (D, D), "mlp.gate_proj": (I, D), "mlp.up_proj": (I, D),
                         "mlp.down_proj": (D, I)}
-        self.names = {"model.embed_tokens.weight": None, "model.norm.weight": None}
-        self._cache: dict[str, dict] = {}
-        for i in range(config["num_hidden_layers"]):
-            p = f"model.layers.{i}."
-            self.names[p + "input_layernorm.weight"] = None
-            self.names[p + "post_attention_layernorm.weight"] = None
-            for name in self.linears:
-                for key in self._layer(p + name, names_only=True):
-                    self.names[key] = p + name
-        for key in self._layer("lm_head", names_only=True):
-            self.names[key] = "lm_head"
+        from gpu_bench import bench_layer
 
-    def _layer(self, prefix: str, names_only: bool = False) -> dict:
+        suffixes = [key[1:] for key in bench_layer(64, 4, BPW, device="cpu").tensors("")]  # a linear's tensors
+        self.names = {"model.embed_tokens.weight": None, "model.norm.weight": None}  # name → its linear, if any
+        self._cache: dict[str, dict] = {}
+        linears = [f"model.layers.{i}.{name}" for i in range(config["num_hidden_layers"]) for name in self.linears]
+        for i in range(config["num_hidden_layers"]):
+            self.names[f"model.layers.{i}.input_layernorm.weight"] = None
+            self.names[f"model.layers.{i}.post_attention_layernorm.weight"] = None
+        for prefix in linears + ["lm_head"]:
+            self.names.update({f"{prefix}.{suffix}": prefix for suffix in suffixes})
+
+    def _layer(self, prefix: str) -> dict:
         import torch
         from gpu_bench import bench_layer, random_layer
         from trimtab.backend.quant.format import split_groups
 
-        if names_only:
-            return bench_layer(64, 4, BPW, device="cpu").tensors(prefix).keys()
         if prefix not in self._cache:
             self._cache.clear()  # one linear at a time
             torch.manual_seed(zlib.crc32(prefix.encode()))
