@@ -2,9 +2,9 @@
 
     from trimtab.backend import cuda_ops
     cuda_ops.available()                                    # a CUDA GPU and a CUDA build of torch
-    words = cuda_ops.qrepack(qweight, repack, meta, word_rows, out_pad)        # canonical → GPU layout
+    words = cuda_ops.qrepack(qweight, repack, meta, word_rows)                 # canonical → GPU layout
     y = cuda_ops.qgemv(x, in_features, words, scale_min, meta, xmap, bias, out, workspace, counters, target_blocks,
-                       gate=None, residual=None)     # y = residual + bias + (silu(gate)·x) Wᵀ
+                       max_bits, gate=None, residual=None)     # y = residual + bias + (silu(gate)·x) Wᵀ
     cuda_ops.qdequantize_t(wt, words, scale_min, meta, xmap, out, col_begin, col_end)
     y = cuda_ops.rms_norm(x, weight, eps)                                       # one decode step's
     q = cuda_ops.rotary_kv(q, k, v, keys, values, position, inv_freq, scaling, head_dim, rotary_dim)
@@ -45,21 +45,22 @@ def available() -> bool:
     return torch.cuda.is_available()
 
 
-def qrepack(qweight, repack, meta, word_rows: int, out_pad: int) -> torch.Tensor:
+def qrepack(qweight, repack, meta, word_rows: int) -> torch.Tensor:
+    """canonical qweight [packed_rows, out] → the GPU layout's words [tiles, word_rows, 128]."""
     load_extension()
     with _as_trimtab_error():
-        return torch.ops.trimtab_cuda.qrepack(qweight, repack, meta, word_rows, out_pad)
+        return torch.ops.trimtab_cuda.qrepack(qweight, repack, meta, word_rows)
 
 
 def qgemv(x, in_features: int, words, scale_min, meta, xmap, bias, out: int, workspace, counters,
-          target_blocks: int, gate=None, residual=None) -> torch.Tensor:
+          target_blocks: int, max_bits: int, gate=None, residual=None) -> torch.Tensor:
     """x: [batch <= 8, in] → [batch, out] in x's dtype (float16, bfloat16 or float32):
-    residual + bias + u Wᵀ with u = x, or silu(gate)·x given gate (x's shape); K is split so that the
-    grid has about `target_blocks` blocks."""
+    residual + bias + u Wᵀ with u = x, or silu(gate)·x given gate (x's shape); the work is cut into
+    about `target_blocks` equal blocks; max_bits: the layer's widest chunk."""
     load_extension()
     with _as_trimtab_error():
         return torch.ops.trimtab_cuda.qgemv(x, in_features, words, scale_min, meta, xmap, bias, out, workspace,
-                                            counters, target_blocks, gate, residual)
+                                            counters, target_blocks, max_bits, gate, residual)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -98,7 +99,7 @@ def attention_supported(head_dim: int, group: int) -> bool:
 
 
 def qgemv_workspace(words, scale_min, meta, out: int, batch: int, target_blocks: int) -> int:
-    """float32 elements of split-K workspace the GEMV needs for `batch` rows."""
+    """float32 elements of workspace the GEMV needs for `batch` rows (partial sums of shared tiles)."""
     load_extension()
     return torch.ops.trimtab_cuda.qgemv_workspace(words, scale_min, meta, out, batch, target_blocks)
 

@@ -232,7 +232,7 @@ def time_kernels(results: dict) -> None:
         x = torch.randn(1, k, dtype=torch.half, device="cuda")
         default_blocks = CudaPackedLinear.blocks_per_multiprocessor
         for label, bpw, blocks in (("trimtab", 4.0, default_blocks), ("trimtab_4bit", 4.25, default_blocks),
-                                   ("trimtab_2_blocks_per_sm", 4.0, 2), ("trimtab_4_blocks_per_sm", 4.0, 4)):
+                                   ("trimtab_1_block_per_sm", 4.0, 1), ("trimtab_4_blocks_per_sm", 4.0, 4)):
             layers = [bench_layer(k, n, bpw) for _ in range(COPIES)]
             CudaPackedLinear.blocks_per_multiprocessor = blocks  # the K split's target (docs/CUDA.md)
             linears = [CudaPackedLinear(layer, None, "cuda", torch.float16) for layer in layers]
@@ -476,7 +476,7 @@ def report(path: Path) -> None:
     for name, s in r.get("shapes", {}).items():
         t, e, f = s.get("trimtab_us"), s.get("exllamav2_us"), s.get("fp16_us")
         rows.append([name, fmt(t, ".1f"), f"{s['trimtab_tbps'] / copy:.0%}", fmt(s.get("trimtab_4bit_us"), ".1f"),
-                     fmt(s.get("trimtab_2_blocks_per_sm_us"), ".1f"), fmt(s.get("trimtab_4_blocks_per_sm_us"), ".1f"),
+                     fmt(s.get("trimtab_1_block_per_sm_us"), ".1f"), fmt(s.get("trimtab_4_blocks_per_sm_us"), ".1f"),
                      fmt(e, ".1f"), ratio(e, t), fmt(f, ".1f"), ratio(f, t)])
     d, p = r.get("decode_tok_s", {}), r.get("prefill_1024_tok_s", {})
     e2e = r.get("end_to_end", {})
@@ -499,11 +499,10 @@ def report(path: Path) -> None:
         "engine timed the same way (a CUDA graph of 100 calls rotating over 8 weight copies so that L2 cannot help, "
         "median of 5); shapes in×out. trimtab at 4.0 bpw counts every stored bit (a quarter of the groups 3-bit, "
         "the rest 4-bit, an fp16 scale and min per group of 128 rows and column); '4-bit' is every group 4-bit "
-        "(4.25 bpw); trimtab splits K into one 32-row chunk per warp where that makes at most 20 splits (the "
-        "4096-input shapes), else aims at 4 blocks per multiprocessor; the two columns after it aim every shape at 2 "
-        "and 4 blocks per multiprocessor (a warp then runs several chunks in turn). "
+        "(4.25 bpw); trimtab cuts the (column tile, chunk) items into 2 equal blocks per multiprocessor; the two "
+        "columns after it cut them into 1 and 4 blocks per multiprocessor. "
         "'% copy' is the bytes trimtab reads per second over the copy bandwidth.\n\n"
-        + markdown_table(["shape", "trimtab 4.0 bpw µs", "% copy", "4-bit µs", "2 blocks/SM µs", "4 blocks/SM µs",
+        + markdown_table(["shape", "trimtab 4.0 bpw µs", "% copy", "4-bit µs", "1 block/SM µs", "4 blocks/SM µs",
                           "ExLlamaV2 µs", "ExLlamaV2 / trimtab", "fp16 cuBLAS µs", "fp16 / trimtab"], rows)
         + "\n\nLlama-3-8B shapes (32 layers, hidden 4096, MLP 14336, 8 KV heads, vocab 128256), random weights, "
         "batch 1, float16 activations. Decode at context 1024: one CUDA graph replay per token "

@@ -18,8 +18,8 @@ from trimtab.backend.quant.format import QuantizedLinear, packed_words
 from trimtab.backend.quant.kernels import PackedLinear
 
 CHUNK_ROWS = 32
+TILE_COLUMNS = 128          # the GPU layout stores W tile by tile, 128 output columns each
 GEMV_MAX_ROWS = 8           # the GEMV kernel's batch limit; above it, dequantize + matmul
-CHUNK_PER_WARP_MAX_SPLITS = 20  # measured: 16 splits (4096 inputs) gain from a chunk per warp, 56 (14336) lose
 SLICE_ELEMENTS = 64 << 20   # the largest dequantized column slice (128 MB in float16)
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -81,11 +81,9 @@ class SplitKWorkspace:
 class CudaPackedLinear(PackedLinear):
     """y = x Wᵀ + b on the GPU layout. Activations float16, bfloat16 or float32 (others computed in float16)."""
 
-    # The GEMV's K split (docs/CUDA.md; bench/gpu_bench.py measures it): None splits 1-2 rows into a
-    # chunk of 32 rows per warp while that makes at most CHUNK_PER_WARP_MAX_SPLITS splits (past that the
-    # split reduction's read-back costs more than a warp running chunks in turn), and otherwise aims at
-    # 4 blocks per multiprocessor; a number aims every batch at that many blocks per multiprocessor.
-    blocks_per_multiprocessor: int | None = None
+    # The GEMV's grid (docs/CUDA.md; bench/gpu_bench.py measures it): the (column tile, chunk) items
+    # cut into this many equal blocks per multiprocessor.
+    blocks_per_multiprocessor: int = 2
 
     def __init__(self, layer: QuantizedLinear, bias: torch.Tensor | None, device, dtype: torch.dtype):
         self.device = torch.device(device)
@@ -93,18 +91,21 @@ class CudaPackedLinear(PackedLinear):
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.dtype = dtype if dtype in ACTIVATION_DTYPES else torch.float16
-        out_pad = -(-self.out_features // 4) * 4
+        tiles = -(-self.out_features // TILE_COLUMNS)
         plan = plan_chunks(layer)
         with torch.cuda.device(self.device):
             self.meta = plan.meta.to(self.device)                                        # int32 [chunks, 4]
+            self.max_bits = int(plan.meta[:, 1].max())
             self.xmap = None if plan.xmap is None else plan.xmap.to(self.device)        # int32 [chunks * 32]
             self.words = cuda_ops.qrepack(layer.qweight.to(self.device).contiguous(), plan.repack.to(self.device),
-                                          self.meta, plan.word_rows, out_pad)          # int32 [word_rows, out_pad]
-            scale_min = torch.stack([layer.scales, layer.mins], dim=-1)                 # half [groups, out, 2]
-            self.scale_min = F.pad(scale_min, (0, 0, 0, out_pad - self.out_features)).to(self.device).contiguous()
+                                          self.meta, plan.word_rows)                   # int32 [tiles, word_rows, 128]
+            scale_min = torch.stack([layer.scales, layer.mins], dim=-1).to(self.device)  # half [groups, out, 2]
+            scale_min = F.pad(scale_min, (0, 0, 0, tiles * TILE_COLUMNS - self.out_features))
+            self.scale_min = scale_min.view(-1, tiles, TILE_COLUMNS, 2).transpose(0, 1).contiguous()
+                                                                                        # half [tiles, groups, 128, 2]
             self.bias = None if bias is None else bias.to(device=self.device, dtype=torch.float32).contiguous()
             self.multiprocessors = cuda_ops.multiprocessor_count(self.words)
-            self.split_policy = type(self).blocks_per_multiprocessor
+            self.blocks_per_multiprocessor = type(self).blocks_per_multiprocessor
             SplitKWorkspace.reserve(
                 self.device,
                 max(cuda_ops.qgemv_workspace(self.words, self.scale_min, self.meta, self.out_features, rows,
@@ -126,11 +127,8 @@ class CudaPackedLinear(PackedLinear):
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def target_blocks(self, rows: int) -> int:
-        """The GEMV grid's target size for `rows` rows (the K split follows from it)."""
-        chunks = self.meta.shape[0]
-        if self.split_policy is None and rows <= 2 and chunks <= 8 * CHUNK_PER_WARP_MAX_SPLITS:
-            return 1 << 30   # as many splits as there are chunks for the warps: a chunk each
-        return (self.split_policy or 4) * self.multiprocessors
+        """The GEMV grid's target size for `rows` rows."""
+        return self.blocks_per_multiprocessor * self.multiprocessors
 
     def gemv(self, rows: torch.Tensor, gate: torch.Tensor | None = None,
              residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -138,8 +136,8 @@ class CudaPackedLinear(PackedLinear):
         or silu(gate)·rows given gate (rows' shape and strides) — the decode step's fusions."""
         workspace, counters = SplitKWorkspace.tensors(self.device)
         return cuda_ops.qgemv(rows, self.in_features, self.words, self.scale_min, self.meta, self.xmap, self.bias,
-                              self.out_features, workspace, counters, self.target_blocks(rows.shape[0]), gate,
-                              residual)
+                              self.out_features, workspace, counters, self.target_blocks(rows.shape[0]),
+                              self.max_bits, gate, residual)
 
     def dequantized_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         """rows: [n, in] → [n, out]: W's columns dequantized a slice at a time, then cuBLAS."""

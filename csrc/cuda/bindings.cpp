@@ -28,14 +28,17 @@ int dtype_code(const Tensor& t, const char* op) {
 
 QLayer layer_of(const Tensor& words, const Tensor& scale_min, const Tensor& meta, const c10::optional<Tensor>& xmap,
                 int64_t out, const char* op) {
-  TORCH_CHECK(words.is_cuda() && words.scalar_type() == at::kInt && words.dim() == 2 && words.is_contiguous(),
-              "trimtab_cuda::", op, ": words must be a contiguous CUDA int32 [word_rows, out_pad] tensor");
-  const int64_t out_pad = words.size(1);
-  TORCH_CHECK(out_pad % 4 == 0 && out <= out_pad && out > out_pad - 4, "trimtab_cuda::", op, ": words are ",
-              out_pad, " columns wide, which does not fit out = ", out);
-  TORCH_CHECK(scale_min.is_cuda() && scale_min.scalar_type() == at::kHalf && scale_min.dim() == 3 &&
-                  scale_min.size(1) == out_pad && scale_min.size(2) == 2 && scale_min.is_contiguous(),
-              "trimtab_cuda::", op, ": scale_min must be a contiguous CUDA float16 [groups, ", out_pad, ", 2] tensor");
+  TORCH_CHECK(words.is_cuda() && words.scalar_type() == at::kInt && words.dim() == 3 && words.size(2) == 128 &&
+                  words.is_contiguous(),
+              "trimtab_cuda::", op, ": words must be a contiguous CUDA int32 [tiles, word_rows, 128] tensor");
+  const int64_t out_pad = words.size(0) * 128;
+  TORCH_CHECK(out <= out_pad && out > out_pad - 128, "trimtab_cuda::", op, ": words are ", out_pad,
+              " columns wide, which does not fit out = ", out);
+  TORCH_CHECK(scale_min.is_cuda() && scale_min.scalar_type() == at::kHalf && scale_min.dim() == 4 &&
+                  scale_min.size(0) == words.size(0) && scale_min.size(2) == 128 && scale_min.size(3) == 2 &&
+                  scale_min.is_contiguous(),
+              "trimtab_cuda::", op, ": scale_min must be a contiguous CUDA float16 [", words.size(0),
+              ", groups, 128, 2] tensor");
   TORCH_CHECK(meta.is_cuda() && meta.scalar_type() == at::kInt && meta.dim() == 2 && meta.size(1) == 4 &&
                   meta.is_contiguous(),
               "trimtab_cuda::", op, ": meta must be a contiguous CUDA int32 [chunks, 4] tensor");
@@ -47,6 +50,8 @@ QLayer layer_of(const Tensor& words, const Tensor& scale_min, const Tensor& meta
   L.chunks = int(meta.size(0));
   L.out = int(out);
   L.out_pad = int(out_pad);
+  L.word_rows = int(words.size(1));
+  L.groups = int(scale_min.size(1));
   if (xmap.has_value()) {
     TORCH_CHECK(xmap->is_cuda() && xmap->scalar_type() == at::kInt && xmap->numel() == meta.size(0) * 32 &&
                     xmap->is_contiguous(),
@@ -75,7 +80,7 @@ void check_rows(const Tensor& t, const Tensor& x, int64_t rows, int64_t cols, co
 // y = residual + bias + u Wᵀ with u = x, or silu(gate)·x where gate is given (gate: x's shape and strides)
 Tensor qgemv(const Tensor& x, int64_t in_features, const Tensor& words, const Tensor& scale_min, const Tensor& meta,
              const c10::optional<Tensor>& xmap, const c10::optional<Tensor>& bias, int64_t out, Tensor workspace,
-             Tensor counters, int64_t target_blocks, const c10::optional<Tensor>& gate,
+             Tensor counters, int64_t target_blocks, int64_t max_bits, const c10::optional<Tensor>& gate,
              const c10::optional<Tensor>& residual) {
   const char* op = "qgemv";
   c10::cuda::CUDAGuard guard(x.device());
@@ -87,6 +92,7 @@ Tensor qgemv(const Tensor& x, int64_t in_features, const Tensor& words, const Te
   const int code = dtype_code(x, op);
   const int target = int(target_blocks);
   TT_CHECK(target >= 1, op, "target_blocks must be positive, got ", target_blocks);
+  TT_CHECK(max_bits >= 2 && max_bits <= 8, op, "max_bits must be 2-8, got ", max_bits);
   TT_CHECK(workspace.is_cuda() && workspace.scalar_type() == at::kFloat &&
                workspace.numel() >= trimtab_cuda::qgemv_workspace_floats(L, batch, target),
            op, "workspace too small: need ", trimtab_cuda::qgemv_workspace_floats(L, batch, target), " floats");
@@ -108,7 +114,7 @@ Tensor qgemv(const Tensor& x, int64_t in_features, const Tensor& words, const Te
   const trimtab_cuda::GemvIo io{x.data_ptr(), gate.has_value() ? gate->data_ptr() : nullptr, x.stride(0),
                                 y.data_ptr(), residual.has_value() ? res.data_ptr() : nullptr, y.stride(0), bias_ptr};
   check_cuda(trimtab_cuda::qgemv(L, io, batch, code, workspace.data_ptr<float>(), counters.data_ptr<int32_t>(), target,
-                                 c10::cuda::getCurrentCUDAStream()),
+                                 int(max_bits), c10::cuda::getCurrentCUDAStream()),
              op);
   return y;
 }
@@ -145,8 +151,8 @@ void qdequantize_t(Tensor wt, const Tensor& words, const Tensor& scale_min, cons
              op);
 }
 
-// canonical qweight [packed_rows, out] → words [word_rows, out_pad]
-Tensor qrepack(const Tensor& qweight, const Tensor& repack, const Tensor& meta, int64_t word_rows, int64_t out_pad) {
+// canonical qweight [packed_rows, out] → words [tiles, word_rows, 128]
+Tensor qrepack(const Tensor& qweight, const Tensor& repack, const Tensor& meta, int64_t word_rows) {
   const char* op = "qrepack";
   c10::cuda::CUDAGuard guard(qweight.device());
   TT_CHECK(qweight.is_cuda() && qweight.scalar_type() == at::kInt && qweight.dim() == 2 && qweight.is_contiguous(), op,
@@ -154,10 +160,11 @@ Tensor qrepack(const Tensor& qweight, const Tensor& repack, const Tensor& meta, 
   TT_CHECK(repack.is_cuda() && repack.scalar_type() == at::kInt && repack.dim() == 2 && repack.size(1) == 4 &&
                meta.is_cuda() && meta.scalar_type() == at::kInt && meta.sizes() == repack.sizes(),
            op, "repack and meta must be CUDA int32 [chunks, 4] tensors");
-  Tensor words = at::zeros({word_rows, out_pad}, qweight.options());
+  const int64_t tiles = (qweight.size(1) + 127) / 128;
+  Tensor words = at::zeros({tiles, word_rows, 128}, qweight.options());
   check_cuda(trimtab_cuda::qrepack(qweight.data_ptr<int32_t>(), int(qweight.size(1)), repack.data_ptr<int32_t>(),
                                    int(repack.size(0)), meta.data_ptr<int32_t>(),
-                                   reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>()), int(out_pad),
+                                   reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>()), int(word_rows),
                                    c10::cuda::getCurrentCUDAStream()),
              op);
   return words;
@@ -260,7 +267,7 @@ bool attention_supported(int64_t head_dim, int64_t group) {
 
 TORCH_LIBRARY(trimtab_cuda, m) {
   m.def("qgemv(Tensor x, int in_features, Tensor words, Tensor scale_min, Tensor meta, Tensor? xmap, Tensor? bias, "
-        "int out, Tensor(a!) workspace, Tensor(b!) counters, int target_blocks, Tensor? gate=None, "
+        "int out, Tensor(a!) workspace, Tensor(b!) counters, int target_blocks, int max_bits, Tensor? gate=None, "
         "Tensor? residual=None) -> Tensor", &qgemv);
   m.def("qgemv_workspace(Tensor words, Tensor scale_min, Tensor meta, int out, int batch, int target_blocks) -> int",
         &qgemv_workspace);
@@ -268,7 +275,7 @@ TORCH_LIBRARY(trimtab_cuda, m) {
   m.def("qgemv_counters(Tensor words, Tensor scale_min, Tensor meta, int out) -> int", &qgemv_counters);
   m.def("qdequantize_t(Tensor(a!) wt, Tensor words, Tensor scale_min, Tensor meta, Tensor? xmap, int out, "
         "int col_begin, int col_end) -> ()", &qdequantize_t);
-  m.def("qrepack(Tensor qweight, Tensor repack, Tensor meta, int word_rows, int out_pad) -> Tensor", &qrepack);
+  m.def("qrepack(Tensor qweight, Tensor repack, Tensor meta, int word_rows) -> Tensor", &qrepack);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
   m.def("rotary_kv(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor position, "
         "Tensor inv_freq, float scaling, int head_dim, int rotary_dim) -> Tensor", &rotary_kv);

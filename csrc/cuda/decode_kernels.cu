@@ -9,6 +9,7 @@
 #include <float.h>
 
 #include "decode_cuda.h"
+#include "dependent_launch.cuh"
 #include "qlinear_layout.cuh"
 
 namespace trimtab_cuda {
@@ -38,6 +39,7 @@ constexpr int kNormPerThread = 16;  // rows up to 16384 wide keep x in registers
 
 template <typename T>
 __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const T* x, const T* weight, T* y, int dim, float eps) {
+  allow_next_kernel();  // the GEMV after this may start streaming its weights
   __shared__ float partial[kNormThreads / 32];
   const T* row = x + size_t(blockIdx.x) * dim;
   T* out = y + size_t(blockIdx.x) * dim;
@@ -204,6 +206,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(Attentio
 // Merge the splits' partials: one thread per (query head, dim), the splits' loads unrolled.
 template <typename T, int HD>
 __global__ void __launch_bounds__(HD) attention_merge_kernel(AttentionArgs a, int splits) {
+  allow_next_kernel();  // the GEMV after this may start streaming its weights
   constexpr int kStride = kMaxGroup * (HD + 2);
   const int head = blockIdx.x, d = threadIdx.x;
   const int kv = head / a.group, g = head % a.group;

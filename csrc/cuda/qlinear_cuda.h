@@ -10,19 +10,20 @@ namespace trimtab_cuda {
 constexpr int kMaxBatchRows = 8;  // the GEMV's largest batch
 
 struct QLayer {
-  const uint32_t* words;   // [word_rows, out_pad] the plane layout (qlinear_layout.cuh)
-  const void* scale_min;   // half2 [groups, out_pad]: (scale, min) of each (group, column)
+  const uint32_t* words;   // [tiles, word_rows, 128] the plane layout (qlinear_layout.cuh)
+  const void* scale_min;   // half2 [tiles, groups, 128]: (scale, min) of each (group, column)
   const int* meta;         // int4 [chunks]: word_row, bits, group, 0
   const int* xmap;         // int32 [chunks * 32]: padded row → original input row, -1 = padding;
                            // nullptr when that is the identity (no perm, every group a multiple of 32)
   int chunks;
   int out;
-  int out_pad;             // out rounded up to a multiple of 4
+  int out_pad;             // out rounded up to a multiple of 128: tiles · 128
+  int word_rows;
+  int groups;
 };
 
-// Split-K plan of the GEMV: blocks along K for `batch` rows so that the grid has about
-// `target_blocks` blocks, and the workspace that needs.
-int qgemv_splits(const QLayer& layer, int batch, int target_blocks);
+// The GEMV's grid: about `target_blocks` blocks, each an equal run of (column tile, chunk) items
+// (qgemv.cu). Its workspace (partial sums of the column tiles blocks share) and tile counters:
 int64_t qgemv_workspace_floats(const QLayer& layer, int batch, int target_blocks);
 int qgemv_counters(const QLayer& layer);
 
@@ -38,20 +39,20 @@ struct GemvIo {
   const float* bias;     // nullptr or [out]
 };
 
-// For b < batch <= 8. workspace: qgemv_workspace_floats floats; counters: qgemv_counters ints, zero
-// (left zero).
+// For 1 <= batch <= 8. workspace: qgemv_workspace_floats floats; counters: qgemv_counters ints, zero
+// (left zero). max_bits: the layer's widest chunk (2-8; wider chunks would be cut to it).
 cudaError_t qgemv(const QLayer& layer, const GemvIo& io, int batch, int dtype, float* workspace, int* counters,
-                  int target_blocks, cudaStream_t stream);
+                  int target_blocks, int max_bits, cudaStream_t stream);
 
 // Wt[r, c - col_begin] = W[c, r] for columns [col_begin, col_end) (multiples of 4 except col_end
 // may be out), rows in the original input order: Wt is [in, ldw], activations' dtype.
 cudaError_t qdequantize_t(const QLayer& layer, int col_begin, int col_end, void* wt, int64_t ldw, int dtype,
                           cudaStream_t stream);
 
-// canonical qweight int32 [packed_rows, out] → words [word_rows, out_pad] (zeroed by the caller).
+// canonical qweight int32 [packed_rows, out] → words [tiles, word_rows, 128] (zeroed by the caller).
 // repack: int4 [chunks]: canonical word row of the chunk's group, first row of the chunk within
 // its group, the group's size, its width.
 cudaError_t qrepack(const int32_t* qweight, int out, const int* repack, int chunks, const int* meta,
-                    uint32_t* words, int out_pad, cudaStream_t stream);
+                    uint32_t* words, int word_rows, cudaStream_t stream);
 
 }  // namespace trimtab_cuda

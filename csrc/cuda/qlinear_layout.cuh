@@ -10,14 +10,18 @@
 // [16 + slot·p, ...). So one shift and one mask give both rows of a pair, one in each 16-bit half,
 // ready to be ORed into two float16 values 1024 + q (the 0x6400 exponent trick).
 //
-// Words are stored [chunk words, out_pad] row-major (out padded to a multiple of 4): a thread owns
-// 4 adjacent columns and reads each word row of its columns with one 16-byte load; a warp reads
-// 512 contiguous bytes.
+// Words are stored tile by tile, [tiles, word rows, 128] (out padded to a multiple of 128): a
+// thread owns 4 adjacent columns and reads each word row of its columns with one 16-byte load, a
+// warp 512 contiguous bytes, and a run of chunks of one tile is one contiguous stretch of memory.
+// The (scale, min) pairs are stored the same way, half2 [tiles, groups, 128].
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+
+#include <type_traits>
+#include <utility>
 
 namespace trimtab_cuda {
 
@@ -32,27 +36,93 @@ __host__ __device__ constexpr int plane_word(int p, int t) { return t / (16 / p)
 __host__ __device__ constexpr int plane_shift(int p, int t) { return (t % (16 / p)) * p; }
 __host__ __device__ constexpr uint32_t pair_mask(int p) { return ((1u << p) - 1u) * 0x00010001u; }
 
-// Both q values of pair t (row t in bits 0-15, row t + 16 in bits 16-31) from one column's
-// `bits` words. t and bits are compile-time constants after unrolling: a shift and a mask per plane.
-template <int BITS>
-__device__ __forceinline__ uint32_t pair_bits(const uint32_t (&w)[BITS], int t) {
-  constexpr int lo = low_plane(BITS), hi = high_plane(BITS);
-  uint32_t v = (w[plane_word(lo, t)] >> plane_shift(lo, t)) & pair_mask(lo);
-  if (hi > 0) {
-    const int s = plane_shift(hi, t) - lo;
-    const uint32_t h = w[lo + plane_word(hi, t)];
-    v |= (s >= 0 ? h >> s : h << -s) & (pair_mask(hi) << lo);
-  }
-  return v;
+// Float16 bits of a float exactly representable as a normal float16 (compile-time constants).
+__host__ __device__ constexpr uint32_t half_bits(float v) {
+  const uint32_t sign = v < 0 ? 0x8000u : 0u;
+  float a = v < 0 ? -v : v;
+  int e = 0;
+  while (a >= 2.0f) a *= 0.5f, ++e;
+  while (a < 1.0f) a *= 2.0f, --e;
+  return sign | uint32_t(e + 15) << 10 | uint32_t((a - 1.0f) * 1024.0f);
+}
+__device__ __forceinline__ half2 half2_const(uint32_t bits) {
+  const uint32_t both = bits | bits << 16;
+  return *reinterpret_cast<const half2*>(&both);
 }
 
-// 1024 + q in each half as float16 minus (1024 + 2^(b-1)): the centred q, exact in float16.
-template <int BITS>
-__device__ __forceinline__ half2 centred_pair(uint32_t bits) {
-  const uint32_t magic = bits | 0x64006400u;
-  half2 h = *reinterpret_cast<const half2*>(&magic);
-  const half c = __float2half_rn(1024.0f + float(1 << (BITS - 1)));
-  return __hsub2(h, half2(c, c));
+// Reading a pair without shifting it down: ORed into 0x6400 (float16 1024, whose mantissa step is
+// 1), the bits of slot s at offset k of each half make the float16 1024 + q·2^k, exact while
+// k + p <= 10. A plane of width p has 16/p slots at offsets p·s: the first 10/p are read in place,
+// the rest from the word shifted down by p·(10/p) (one shift per word, not per pair).
+__host__ __device__ constexpr int in_place_slots(int p) { return 10 / p; }
+__host__ __device__ constexpr int late_shift(int p) { return p * in_place_slots(p); }
+__host__ __device__ constexpr int slot_offset(int p, int t) {
+  return (t % (16 / p)) < in_place_slots(p) ? p * (t % (16 / p)) : p * (t % (16 / p)) - late_shift(p);
+}
+
+// 1024 + q·2^k in each half for pair T of plane width P held in word w (k = slot_offset(P, T)).
+template <int P, int T>
+__device__ __forceinline__ half2 plane_pair(uint32_t w) {
+  const uint32_t src = (T % (16 / P)) < in_place_slots(P) ? w : w >> late_shift(P);
+  const uint32_t bits = (src & (pair_mask(P) << slot_offset(P, T))) | 0x64006400u;  // one LOP3
+  return *reinterpret_cast<const half2*>(&bits);
+}
+
+// Both centred q values of pair T (row T, row T + 16), q − 2^(b−1), exact in float16, from one
+// column's `BITS` words: one LOP3 and one HFMA2 per plane (the scale by 2^-k and the offsets folded
+// into the HFMA2s' constants; every intermediate is an integer below 2^15, so exact).
+template <int BITS, int T>
+__device__ __forceinline__ half2 centred_pair(const uint32_t (&w)[BITS]) {
+  constexpr int lo = low_plane(BITS), hi = high_plane(BITS);
+  constexpr float centre = float(1 << (BITS - 1));
+  constexpr float lo_scale = 1.0f / float(1 << slot_offset(lo, T));  // 1024 + q·2^k → q + 1024·2^-k
+  const half2 raw_lo = plane_pair<lo, T>(w[plane_word(lo, T)]);
+  if constexpr (hi == 0) {
+    constexpr uint32_t scale = half_bits(lo_scale), offset = half_bits(-(1024.0f * lo_scale + centre));
+    return __hfma2(raw_lo, half2_const(scale), half2_const(offset));
+  } else {
+    constexpr float hi_scale = float(1 << lo) / float(1 << slot_offset(hi, T));  // → 2^lo·q_hi + 1024·hi_scale
+    constexpr uint32_t hscale = half_bits(hi_scale);
+    constexpr uint32_t hoffset = half_bits(-(1024.0f * hi_scale + 1024.0f * lo_scale + centre));
+    constexpr uint32_t lscale = half_bits(lo_scale);
+    const half2 high = __hfma2(plane_pair<hi, T>(w[lo + plane_word(hi, T)]), half2_const(hscale), half2_const(hoffset));
+    return __hfma2(raw_lo, half2_const(lscale), high);
+  }
+}
+
+// f(std::integral_constant<int, i>{}) for i = 0 ... N − 1, each i a compile-time constant.
+template <typename F, int... I>
+__device__ __forceinline__ void static_for_each(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, typename F>
+__device__ __forceinline__ void static_for(F&& f) {
+  static_for_each(f, std::make_integer_sequence<int, N>{});
+}
+
+// The uint4 holding row `row` (of `rows` per tile) for columns 4·col4 ... 4·col4 + 3: a word row
+// of `words`, or with rows = groups, a group's (scale, min) pairs in `scale_min`.
+__host__ __device__ inline size_t tile_major4(int rows, int row, int col4) {
+  return (size_t(col4 / (kWarpCols / 4)) * rows + row) * (kWarpCols / 4) + col4 % (kWarpCols / 4);
+}
+
+template <int B>
+struct Width {
+  static constexpr int bits = B;
+};
+
+// f(Width<b>{}) for a chunk's width b (2, 3, 4, 5, 6 or 8): code made for each width; the branch is
+// the same for a warp that reads one chunk.
+template <typename F>
+__device__ __forceinline__ void with_width(int bits, F&& f) {
+  switch (bits) {
+    case 2: f(Width<2>{}); break;
+    case 3: f(Width<3>{}); break;
+    case 4: f(Width<4>{}); break;
+    case 5: f(Width<5>{}); break;
+    case 6: f(Width<6>{}); break;
+    default: f(Width<8>{}); break;
+  }
 }
 
 // Per-chunk metadata, int4: where its words start (in word rows), its width, its group.

@@ -1,0 +1,497 @@
+// The GEMV on the GPU layout (qlinear_layout.cuh, docs/CUDA.md): y = x Wᵀ (+ bias, + residual) for
+// 1-8 rows of x, optionally on silu(gate)·x.
+//
+// Work is the list of (column tile, chunk) items, tile by tile; a grid of about `target_blocks`
+// blocks cuts it into equal consecutive runs (stream-K), so every block reads the same number of
+// bytes whatever the shape. A block's 8 warps take its items in turn; each warp streams its chunks'
+// words and scales into its own shared-memory ring with cp.async, several chunks ahead of the one
+// it computes (the thread that copies 16 bytes is the one that reads them: no barrier). A tile a
+// block holds whole is written directly; a tile shared between blocks is summed by the last of them
+// to finish, from per-block partial sums, in block order (deterministic).
+#include <algorithm>
+
+#include "dependent_launch.cuh"
+#include "qlinear_cuda.h"
+#include "qlinear_layout.cuh"
+
+namespace trimtab_cuda {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kStageBytes = 32 * 1024;         // staged x per block
+constexpr int kStageBytesPerChunkRow = kChunkRows * 2 + 2 * 4;  // 32 halves + scale and sum
+constexpr int kMinStages = 2, kMaxStages = 4;  // chunks a warp has in its ring
+constexpr int kPartialSlots = 2;               // a block shares at most its first and last tile
+
+struct GemvArgs {
+  QLayer layer;
+  const void* x;
+  const void* gate;      // nullptr, or [batch, in] rows ldx apart: the input is silu(gate)·x
+  int64_t ldx;
+  void* y;
+  int64_t ldy;
+  const void* residual;  // nullptr, or [batch, out] rows ldy apart, added to the output
+  const float* bias;
+  float* workspace;      // [grid, kPartialSlots, batch, 128] partial sums of shared tiles
+  int* counters;         // [tiles] blocks done with a shared tile (reset by the last)
+  int items_per_block;   // (tile, chunk) items; the last block may have fewer
+  int x_slots;           // chunks of x a block stages: min(items_per_block, chunks)
+  int stages;            // ring depth, kMinStages..kMaxStages
+  int max_bits;          // the layer's widest chunk: a ring slot holds max_bits word rows + scales
+};
+
+__host__ __device__ constexpr int align16(int bytes) { return (bytes + 15) / 16 * 16; }
+
+// Where a block's shared memory goes (bytes), for NB rows of x.
+struct SharedLayout {
+  int meta, xs, xscale, xsum, ring, red, total;
+  __host__ __device__ SharedLayout(int nb, int x_slots, int stages, int max_bits) {
+    meta = 0;                                            // int4 [x_slots]
+    xs = meta + x_slots * 16;                            // half2 [nb, x_slots, 16]
+    xscale = xs + nb * x_slots * kPairs * 4;             // float [nb, x_slots]
+    xsum = xscale + nb * x_slots * 4;                    // float [nb, x_slots]
+    ring = align16(xsum + nb * x_slots * 4);             // uint4 [warps, stages, max_bits + 1, 32]
+    red = ring + kWarps * stages * slot_bytes(max_bits);  // float [warps, nb, 128]
+    total = red + kWarps * nb * kWarpCols * 4;
+  }
+  __host__ __device__ static constexpr int slot_bytes(int max_bits) { return (max_bits + 1) * 32 * 16; }
+};
+
+__device__ __forceinline__ void cp_async16(void* shared, const void* global) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(global));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+// wait until at most stages - 1 groups are pending (stages is uniform: no divergence)
+__device__ __forceinline__ void cp_async_wait_all_but(int pending) {
+  if (pending >= 3) asm volatile("cp.async.wait_group 3;");
+  else if (pending == 2) asm volatile("cp.async.wait_group 2;");
+  else asm volatile("cp.async.wait_group 1;");
+}
+
+// ---- staging x --------------------------------------------------------------------------------
+// x goes to shared memory as float16 pairs (x[t], x[t + 16]) per chunk, scaled by a power of two per
+// (row, chunk) so that |x| < 1 (float16 sums of 16 products stay far from overflow), with each
+// (row, chunk)'s scale and exact float sum. One warp stages one chunk: lane = row within it.
+
+// x rows of `chunk` as this lane's values (0 in padding or for chunk < 0); silu(gate)·x if gated
+template <typename T, int NB>
+__device__ __forceinline__ void load_chunk_x(const GemvArgs& a, int chunk, float (&v)[NB]) {
+  const int row = chunk * kChunkRows + threadIdx.x % 32;
+  const int src = chunk < 0 ? -1 : a.layer.xmap ? __ldg(a.layer.xmap + row) : row;
+  const T* x = static_cast<const T*>(a.x);
+#pragma unroll
+  for (int b = 0; b < NB; ++b) v[b] = src >= 0 ? Io<T>::load(x[b * a.ldx + src]) : 0.0f;
+  if (a.gate != nullptr) {  // the gated MLP's silu(gate)·up, rounded as the unfused ops round it
+    const T* gate = static_cast<const T*>(a.gate);
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      const float g = src >= 0 ? Io<T>::load(gate[b * a.ldx + src]) : 0.0f;
+      v[b] = Io<T>::load(Io<T>::store(Io<T>::load(Io<T>::store(g / (1.0f + __expf(-g)))) * v[b]));
+    }
+  }
+}
+
+template <int NB>
+__device__ __forceinline__ void store_chunk_x(const float (&v)[NB], int slot, int x_slots, half2* xs, float* xscale,
+                                              float* xsum) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int b = 0; b < NB; ++b) {
+    float amax = fabsf(v[b]), sum = v[b];
+#pragma unroll
+    for (int o = 16; o; o >>= 1) {
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+      sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    }
+    // amax < 2^e with e = E − 126 (E: amax's exponent field); 2^-e and 2^e made from their bits
+    const int e_field = min(int(__float_as_uint(amax) >> 23), 252);
+    const float down = __uint_as_float(uint32_t(253 - e_field) << 23), up = __uint_as_float(uint32_t(e_field + 1) << 23);
+    half* pairs = reinterpret_cast<half*>(xs + (b * x_slots + slot) * kPairs);
+    pairs[(lane & 15) * 2 + (lane >> 4)] = __float2half_rn(v[b] * down);
+    if (lane == 0) {
+      xscale[b * x_slots + slot] = up;
+      xsum[b * x_slots + slot] = sum;
+    }
+  }
+}
+
+// Slots s = warp, warp + 8, ... hold chunk (first + s) mod chunks; loads go out `passes` at a time
+// so that staging costs a few memory latencies rather than one per chunk.
+template <typename T, int NB>
+__device__ void stage_x(const GemvArgs& a, int first, half2* xs, float* xscale, float* xsum) {
+  constexpr int passes = NB <= 2 ? 8 : NB <= 4 ? 4 : 2;
+  const int warp = threadIdx.x / 32, chunks = a.layer.chunks;
+  for (int s0 = warp; s0 < a.x_slots; s0 += passes * kWarps) {
+    float v[passes][NB];
+#pragma unroll
+    for (int p = 0; p < passes; ++p) {
+      const int s = s0 + p * kWarps;
+      load_chunk_x<T, NB>(a, s < a.x_slots ? (first + s) % chunks : -1, v[p]);
+    }
+#pragma unroll
+    for (int p = 0; p < passes; ++p)
+      if (s0 + p * kWarps < a.x_slots) store_chunk_x<NB>(v[p], s0 + p * kWarps, a.x_slots, xs, xscale, xsum);
+  }
+}
+
+// ---- one chunk ------------------------------------------------------------------------------------
+
+// A chunk's words for this thread's 4 columns: v[k] is word row k (k < bits), sm its group's
+// half2 (scale, min) ×4.
+struct ChunkWords {
+  uint4 v[8];
+  uint4 sm;
+};
+
+// float16 dot products of the centred q with the staged x, then in float32
+// acc += scale·xscale·dot + (min + 2^(b-1)·scale)·Σx (the second term restores centring and minimum).
+template <int NB, int BITS>
+__device__ __forceinline__ void gemv_chunk(const ChunkWords& cw, int slot, int x_slots, const half2* xs,
+                                           const float* xscale, const float* xsum, float (&acc)[NB][4]) {
+  uint32_t w[4][BITS];
+#pragma unroll
+  for (int k = 0; k < BITS; ++k) {
+    w[0][k] = cw.v[k].x;
+    w[1][k] = cw.v[k].y;
+    w[2][k] = cw.v[k].z;
+    w[3][k] = cw.v[k].w;
+  }
+  half2 dot[NB][4];
+#pragma unroll
+  for (int b = 0; b < NB; ++b)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) dot[b][c] = __float2half2_rn(0.0f);
+  uint4 xv[NB];  // staged x of pairs t .. t + 3
+  static_for<kPairs>([&](auto pair) {
+    constexpr int t = decltype(pair)::value;
+    if constexpr (t % 4 == 0) {
+#pragma unroll
+      for (int b = 0; b < NB; ++b) xv[b] = *reinterpret_cast<const uint4*>(xs + (b * x_slots + slot) * kPairs + t);
+    }
+    half2 q[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) q[c] = centred_pair<BITS, t>(w[c]);
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      const uint32_t xw = t % 4 == 0 ? xv[b].x : t % 4 == 1 ? xv[b].y : t % 4 == 2 ? xv[b].z : xv[b].w;
+      const half2 x2 = *reinterpret_cast<const half2*>(&xw);
+#pragma unroll
+      for (int c = 0; c < 4; ++c) dot[b][c] = __hfma2(x2, q[c], dot[b][c]);
+    }
+  });
+  const half2* sm = reinterpret_cast<const half2*>(&cw.sm);
+  float scale[4], offset[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    scale[c] = __low2float(sm[c]);
+    offset[c] = __high2float(sm[c]) + scale[c] * float(1 << (BITS - 1));
+  }
+#pragma unroll
+  for (int b = 0; b < NB; ++b) {
+    const float xsc = xscale[b * x_slots + slot], x_sum = xsum[b * x_slots + slot];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const float2 d = __half22float2(dot[b][c]);
+      acc[b][c] = fmaf(scale[c] * xsc, d.x + d.y, fmaf(offset[c], x_sum, acc[b][c]));
+    }
+  }
+}
+
+// ---- the block's items -------------------------------------------------------------------------
+
+// A warp's walk over its block's items, as (tile, chunk): within each tile's run of the block,
+// chunks warp, warp + 8, ... from the run's start (every warp's items of a tile come before any of
+// the next tile's). Divides only when made.
+struct ItemCursor {
+  int tile, chunk, run_end;  // run_end: the end of this tile's run (chunks)
+  int last_tile, last_end, chunks;
+  __device__ ItemCursor(int begin, int end, int chunks_) : chunks(chunks_) {
+    tile = begin / chunks;
+    chunk = begin % chunks + threadIdx.x / 32;
+    last_tile = (end - 1) / chunks;
+    last_end = end - last_tile * chunks;
+    run_end = tile == last_tile ? last_end : chunks;
+    settle();
+  }
+  __device__ void settle() {
+    while (chunk >= run_end && tile < last_tile) {
+      ++tile;
+      chunk = threadIdx.x / 32;
+      run_end = tile == last_tile ? last_end : chunks;
+    }
+  }
+  __device__ void next() {
+    chunk += kWarps;
+    settle();
+  }
+  __device__ bool valid() const { return chunk < run_end; }
+};
+
+struct Block {
+  int begin, end;   // items
+  int first_tile, last_tile;
+  int first_chunk;  // x slot 0 holds this chunk
+  __device__ Block(const GemvArgs& a, int index) {
+    const int chunks = a.layer.chunks;
+    begin = index * a.items_per_block;
+    end = min(begin + a.items_per_block, ((a.layer.out_pad + kWarpCols - 1) / kWarpCols) * chunks);
+    first_tile = begin / chunks;
+    last_tile = (end - 1) / chunks;
+    first_chunk = a.items_per_block >= chunks ? 0 : begin % chunks;
+  }
+  __device__ int slot_of(int chunk, int chunks) const {
+    return chunk >= first_chunk ? chunk - first_chunk : chunk - first_chunk + chunks;
+  }
+  __device__ bool whole(int tile, int chunks) const { return tile * chunks >= begin && (tile + 1) * chunks <= end; }
+};
+
+// Put item `cur`'s words and scales in flight into ring slot `slot` of this thread.
+__device__ __forceinline__ void request_item(const GemvArgs& a, const Block& blk, const ItemCursor& cur,
+                                             const int4* meta, uint4* ring) {
+  const QLayer& L = a.layer;
+  const int col4 = cur.tile * 32 + threadIdx.x % 32;  // out_pad is whole tiles: every lane has columns
+  const int4 m = meta[blk.slot_of(cur.chunk, L.chunks)];
+  const uint4* words = reinterpret_cast<const uint4*>(L.words) + tile_major4(L.word_rows, m.x, col4);
+  const int bits = min(m.y, a.max_bits);
+  for (int k = 0; k < bits; ++k) cp_async16(ring + k * 32, words + k * 32);  // a chunk's rows are contiguous
+  cp_async16(ring + a.max_bits * 32, reinterpret_cast<const uint4*>(L.scale_min) + tile_major4(L.groups, m.z, col4));
+}
+
+template <int NB, int BITS>
+__device__ __forceinline__ void compute_item(const GemvArgs& a, const uint4* ring, int slot,
+                                             const half2* xs, const float* xscale, const float* xsum,
+                                             float (&acc)[NB][4]) {
+  ChunkWords cw;
+#pragma unroll
+  for (int k = 0; k < BITS; ++k) cw.v[k] = ring[k * 32];
+  cw.sm = ring[a.max_bits * 32];
+  gemv_chunk<NB, BITS>(cw, slot, a.x_slots, xs, xscale, xsum, acc);
+}
+
+// What the output adds to x Wᵀ: the bias and the residual (either may be absent).
+template <typename T>
+__device__ __forceinline__ float epilogue_addend(const GemvArgs& a, int b, int col) {
+  float s = a.bias ? a.bias[col] : 0.0f;
+  if (a.residual) s += Io<T>::load(static_cast<const T*>(a.residual)[b * a.ldy + col]);
+  return s;
+}
+
+// The warps' sums for `tile` → y (a tile held whole), or this block's partial sums, the last block
+// sharing the tile then adding them all in block order.
+template <typename T, int NB>
+__device__ void finish_tile(const GemvArgs& a, const Block& blk, int tile, const float (&acc)[NB][4], float* red) {
+  __shared__ int is_last;
+  const QLayer& L = a.layer;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, chunks = L.chunks;
+#pragma unroll
+  for (int b = 0; b < NB; ++b)
+    *reinterpret_cast<float4*>(red + (warp * NB + b) * kWarpCols + lane * 4) =
+        make_float4(acc[b][0], acc[b][1], acc[b][2], acc[b][3]);
+  __syncthreads();
+  const bool whole = blk.whole(tile, chunks);
+  const int part = tile == blk.first_tile ? 0 : 1;
+  T* y = static_cast<T*>(a.y);
+  for (int i = threadIdx.x; i < NB * kWarpCols; i += kThreads) {
+    const int b = i / kWarpCols, c = i % kWarpCols, col = tile * kWarpCols + c;
+    float s = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += red[(w * NB + b) * kWarpCols + c];
+    if (whole) {
+      if (col < L.out) y[b * a.ldy + col] = Io<T>::store(s + epilogue_addend<T>(a, b, col));
+    } else {
+      a.workspace[((size_t(blockIdx.x) * kPartialSlots + part) * NB + b) * kWarpCols + c] = s;
+    }
+  }
+  if (!whole) __threadfence();  // the partial sums are visible before the count says so
+  __syncthreads();              // and red is free again
+  if (whole) return;
+  const int first_block = tile * chunks / a.items_per_block;
+  const int last_block = ((tile + 1) * chunks - 1) / a.items_per_block;
+  if (threadIdx.x == 0) is_last = atomicAdd(a.counters + tile, 1) == last_block - first_block;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < NB * kWarpCols; i += kThreads) {
+    const int b = i / kWarpCols, c = i % kWarpCols, col = tile * kWarpCols + c;
+    if (col >= L.out) continue;
+    float s = epilogue_addend<T>(a, b, col);
+    for (int k = first_block; k <= last_block; ++k) {
+      const int k_part = tile == k * a.items_per_block / chunks ? 0 : 1;
+      s += __ldcg(a.workspace + ((size_t(k) * kPartialSlots + k_part) * NB + b) * kWarpCols + c);
+    }
+    y[b * a.ldy + col] = Io<T>::store(s);
+  }
+  if (threadIdx.x == 0) a.counters[tile] = 0;  // ready for the next call (and graph replay)
+}
+
+template <typename T, int NB>
+__global__ void __launch_bounds__(kThreads, NB > 2 ? 1 : 4) qgemv_kernel(GemvArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const QLayer& L = a.layer;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, chunks = L.chunks;
+  const Block blk(a, blockIdx.x);
+  if (blk.begin >= blk.end) return;
+  const SharedLayout at(NB, a.x_slots, a.stages, a.max_bits);
+  int4* meta = reinterpret_cast<int4*>(smem + at.meta);
+  half2* xs = reinterpret_cast<half2*>(smem + at.xs);
+  float* xscale = reinterpret_cast<float*>(smem + at.xscale);
+  float* xsum = reinterpret_cast<float*>(smem + at.xsum);
+  uint4* ring = reinterpret_cast<uint4*>(smem + at.ring) + size_t(warp) * a.stages * (a.max_bits + 1) * 32 + lane;
+  float* red = reinterpret_cast<float*>(smem + at.red);
+  const int slot_uint4s = (a.max_bits + 1) * 32;
+
+  // 1. the block's chunk metadata; 2. each warp's first chunks in flight; 3. x, while they arrive.
+  // Steps 1-2 read only the layer, so under programmatic dependent launch they overlap the end of
+  // the kernel before, whose output (x, the residual) is read only after grid_dependency_wait.
+  allow_next_kernel();
+  for (int s = threadIdx.x; s < a.x_slots; s += kThreads)
+    meta[s] = __ldg(reinterpret_cast<const int4*>(L.meta) + (blk.first_chunk + s) % chunks);
+  __syncthreads();
+  ItemCursor ahead(blk.begin, blk.end, chunks), cur = ahead;
+  for (int k = 0; k < a.stages - 1; ++k) {
+    if (ahead.valid()) {
+      request_item(a, blk, ahead, meta, ring + k * slot_uint4s);
+      ahead.next();
+    }
+    cp_async_commit();
+  }
+  grid_dependency_wait();
+  stage_x<T, NB>(a, blk.first_chunk, xs, xscale, xsum);
+  __syncthreads();
+
+  // 4. tile by tile: request a chunk stages - 1 ahead, compute the oldest
+  int k = 0;
+  for (int tile = blk.first_tile; tile <= blk.last_tile; ++tile) {
+    float acc[NB][4];
+#pragma unroll
+    for (int b = 0; b < NB; ++b)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[b][c] = 0.0f;
+    for (; cur.valid() && cur.tile == tile; cur.next(), ++k) {
+      if (ahead.valid()) {
+        request_item(a, blk, ahead, meta, ring + ((k + a.stages - 1) % a.stages) * slot_uint4s);
+        ahead.next();
+      }
+      cp_async_commit();
+      cp_async_wait_all_but(a.stages - 1);
+      const int slot = blk.slot_of(cur.chunk, chunks);
+      const uint4* mine = ring + (k % a.stages) * slot_uint4s;
+      with_width(meta[slot].y, [&](auto width) {
+        compute_item<NB, decltype(width)::bits>(a, mine, slot, xs, xscale, xsum, acc);
+      });
+    }
+    finish_tile<T, NB>(a, blk, tile, acc, red);
+  }
+  asm volatile("cp.async.wait_all;");
+}
+
+int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
+int tiles_of(const QLayer& L) { return ceil_div(L.out_pad, kWarpCols); }
+
+struct GemvPlan {
+  int grid, items_per_block, x_slots, stages;
+  size_t shared;
+};
+
+struct DeviceInfo {
+  int multiprocessors = 1, shared_per_multiprocessor = 0, major = 0;
+};
+
+DeviceInfo current_device() {
+  DeviceInfo d;
+  int device = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&d.multiprocessors, cudaDevAttrMultiProcessorCount, device);
+  cudaDeviceGetAttribute(&d.shared_per_multiprocessor, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+  cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device);
+  return d;
+}
+
+// Shared memory a block may take so that the blocks one multiprocessor gets fit it together.
+int shared_budget(int target_blocks) {
+  const DeviceInfo d = current_device();
+  const int blocks = std::max(1, ceil_div(target_blocks, d.multiprocessors));
+  return d.shared_per_multiprocessor / blocks - 1024 - 64;  // the runtime's reserve and the static shared memory
+}
+
+// About `target_blocks` blocks of equal runs of items, at least one chunk per warp, and few enough
+// chunks that a block's x fits kStageBytes; the deepest ring (kMinStages at least) that lets the
+// blocks one multiprocessor gets fit it together.
+GemvPlan plan_gemv(const QLayer& L, int batch, int target_blocks, int max_bits) {
+  const int64_t items = int64_t(tiles_of(L)) * L.chunks;
+  const int max_slots = std::max(kWarps, kStageBytes / (batch * kStageBytesPerChunkRow));
+  int grid = std::max(1, std::min(target_blocks, ceil_div(items, kWarps)));
+  int per_block = ceil_div(items, grid);
+  if (std::min(per_block, L.chunks) > max_slots) per_block = max_slots;
+  grid = ceil_div(items, per_block);
+  per_block = ceil_div(items, grid);  // the same grid, runs as even as can be
+  GemvPlan p{grid, per_block, std::min(per_block, L.chunks), kMaxStages, 0};
+  const int fixed = SharedLayout(batch, p.x_slots, 0, max_bits).total;
+  const int per_stage = kWarps * SharedLayout::slot_bytes(max_bits);
+  p.stages = std::max(kMinStages, std::min(kMaxStages, (shared_budget(target_blocks) - fixed) / per_stage));
+  p.shared = SharedLayout(batch, p.x_slots, p.stages, max_bits).total;
+  return p;
+}
+
+template <typename T, int NB>
+cudaError_t launch_gemv(const GemvArgs& a, const GemvPlan& p, cudaStream_t stream) {
+  if (p.shared > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(qgemv_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(p.shared));
+    if (err != cudaSuccess) return err;
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(p.grid);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = p.shared;
+  config.stream = stream;
+  cudaLaunchAttribute overlap[1];
+  overlap[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap[0].val.programmaticStreamSerializationAllowed = 1;
+  if (current_device().major >= 9) {  // griddepcontrol needs sm_90
+    config.attrs = overlap;
+    config.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&config, qgemv_kernel<T, NB>, a);
+}
+
+template <typename T>
+cudaError_t launch_gemv_batch(const GemvArgs& a, const GemvPlan& p, int batch, cudaStream_t stream) {
+  switch (batch) {
+    case 1: return launch_gemv<T, 1>(a, p, stream);
+    case 2: return launch_gemv<T, 2>(a, p, stream);
+    case 3: return launch_gemv<T, 3>(a, p, stream);
+    case 4: return launch_gemv<T, 4>(a, p, stream);
+    case 5: return launch_gemv<T, 5>(a, p, stream);
+    case 6: return launch_gemv<T, 6>(a, p, stream);
+    case 7: return launch_gemv<T, 7>(a, p, stream);
+    case 8: return launch_gemv<T, 8>(a, p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+int64_t qgemv_workspace_floats(const QLayer& layer, int batch, int target_blocks) {
+  return int64_t(plan_gemv(layer, batch, target_blocks, 8).grid) * kPartialSlots * batch * kWarpCols;
+}
+
+int qgemv_counters(const QLayer& layer) { return tiles_of(layer); }
+
+cudaError_t qgemv(const QLayer& layer, const GemvIo& io, int batch, int dtype, float* workspace, int* counters,
+                  int target_blocks, int max_bits, cudaStream_t stream) {
+  if (batch < 1 || batch > kMaxBatchRows || layer.chunks < 1 || max_bits < 2 || max_bits > 8)
+    return cudaErrorInvalidValue;
+  const GemvPlan p = plan_gemv(layer, batch, target_blocks, max_bits);
+  const GemvArgs a{layer,     io.x,     io.gate,           io.ldx,    io.y,     io.ldy,  io.residual,
+                   io.bias,   workspace, counters,         p.items_per_block, p.x_slots, p.stages, max_bits};
+  switch (dtype) {
+    case 0: return launch_gemv_batch<half>(a, p, batch, stream);
+    case 1: return launch_gemv_batch<__nv_bfloat16>(a, p, batch, stream);
+    default: return launch_gemv_batch<float>(a, p, batch, stream);
+  }
+}
+
+}  // namespace trimtab_cuda
