@@ -234,7 +234,7 @@ def time_kernels(results: dict) -> None:
         for label, bpw, blocks in (("trimtab", 4.0, default_blocks), ("trimtab_4bit", 4.25, default_blocks),
                                    ("trimtab_1_block_per_sm", 4.0, 1), ("trimtab_4_blocks_per_sm", 4.0, 4)):
             layers = [bench_layer(k, n, bpw) for _ in range(COPIES)]
-            CudaPackedLinear.blocks_per_multiprocessor = blocks  # the K split's target (docs/CUDA.md)
+            CudaPackedLinear.blocks_per_multiprocessor = blocks  # the GEMV grid (docs/CUDA.md)
             linears = [CudaPackedLinear(layer, None, "cuda", torch.float16) for layer in layers]
             CudaPackedLinear.blocks_per_multiprocessor = default_blocks
             bytes_read = linears[0].words.numel() * 4 + linears[0].scale_min.numel() * 2

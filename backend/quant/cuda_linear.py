@@ -58,9 +58,10 @@ def plan_chunks(layer: QuantizedLinear) -> ChunkPlan:
 
 
 class SplitKWorkspace:
-    """One split-K workspace and tile counters per GPU, shared by every layer (kernels on one stream
-    run one at a time). Layers reserve what they need at load, so a captured CUDA graph never sees
-    it move; a graph keeps its own references (tensors()) alive."""
+    """One workspace (partial sums of column tiles that GEMV blocks share) and tile counters per GPU,
+    shared by every layer (kernels on one stream run one at a time). Layers reserve what they need at
+    load, so a captured CUDA graph never sees it move; a graph keeps its own references (tensors())
+    alive."""
 
     _per_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
