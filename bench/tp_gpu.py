@@ -133,6 +133,7 @@ def report(folder: Path) -> None:
                      f"{r['prefill_tok_s']:,.0f}", f"{r['gpu_memory_gb']:.1f}",
                      f"{abs(r['logits_norm'] - base['logits_norm']) / base['logits_norm']:.1e}" if base else "n/a"])
     first = runs[0]
+    missing = [n for n in (2, 4, 8) if n not in {r["gpus"] for r in runs}]
     body = (f"Card: **{first['card']}**, {first['date']}; `torchrun --nproc-per-node N bench/tp_gpu.py` for each N, "
             f"rendered by `bench/tp_gpu.py --report`. Llama-3-70B shapes (hidden 8192, MLP 28672, 64 heads, 8 KV "
             f"heads, vocab 128256), {first['layers']} layers, random weights at {BPW} bpw with a {HEAD_BITS}-bit "
@@ -141,7 +142,8 @@ def report(folder: Path) -> None:
             "GPU': relative difference of the logits' norm after a fixed prompt and one step.\n\n"
             + markdown_table(["GPUs", "decode tok/s", "graph ms / token", "speed-up", "prefill tok/s",
                               "GPU memory GB (rank 0)", "logits vs 1 GPU"], rows)
-            + "\n\nNot run: 4 and 8 GPUs (those machines were not lent).\n")
+            + (f"\n\nNot run: {' and '.join(str(n) for n in missing)} GPUs (those machines were not lent).\n"
+               if missing else "\n"))
     write_section("tp_gpu", body, script="tp_gpu")
     print(body)
 
