@@ -100,7 +100,7 @@ def test_gemv_any_grid(blocks, batch):
 
     layer = random_layer(1000, 700, [2, 3, 4, 5, 6, 8], 128, perm=True, seed=blocks)
     linear = CudaPackedLinear(layer, None, "cuda", torch.float16)
-    linear.target_blocks = lambda rows: blocks
+    linear.target_blocks = lambda: blocks
     x = torch.randn(batch, 1000, device="cuda").half()
     residual = torch.randn(batch, 700, device="cuda").half()
     ref = residual.double() + x.double() @ qformat.dequantize(layer).cuda().double().t()

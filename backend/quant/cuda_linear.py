@@ -110,7 +110,7 @@ class CudaPackedLinear(PackedLinear):
             SplitKWorkspace.reserve(
                 self.device,
                 max(cuda_ops.qgemv_workspace(self.words, self.scale_min, self.meta, self.out_features, rows,
-                                             self.target_blocks(rows)) for rows in range(1, GEMV_MAX_ROWS + 1)),
+                                             self.target_blocks()) for rows in range(1, GEMV_MAX_ROWS + 1)),
                 cuda_ops.qgemv_counters(self.words, self.scale_min, self.meta, self.out_features))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,8 +127,8 @@ class CudaPackedLinear(PackedLinear):
         y = self.gemv(rows) if rows.shape[0] <= GEMV_MAX_ROWS else self.dequantized_matmul(rows)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def target_blocks(self, rows: int) -> int:
-        """The GEMV grid's target size for `rows` rows."""
+    def target_blocks(self) -> int:
+        """The GEMV grid's target size."""
         return self.blocks_per_multiprocessor * self.multiprocessors
 
     def gemv(self, rows: torch.Tensor, gate: torch.Tensor | None = None,
@@ -137,7 +137,7 @@ class CudaPackedLinear(PackedLinear):
         or silu(gate)·rows given gate (rows' shape and strides) — the decode step's fusions."""
         workspace, counters = SplitKWorkspace.tensors(self.device)
         return cuda_ops.qgemv(rows, self.in_features, self.words, self.scale_min, self.meta, self.xmap, self.bias,
-                              self.out_features, workspace, counters, self.target_blocks(rows.shape[0]),
+                              self.out_features, workspace, counters, self.target_blocks(),
                               self.max_bits, gate, residual)
 
     def dequantized_matmul(self, rows: torch.Tensor) -> torch.Tensor:

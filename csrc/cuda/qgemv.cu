@@ -42,6 +42,7 @@ struct GemvArgs {
 };
 
 __host__ __device__ constexpr int align16(int bytes) { return (bytes + 15) / 16 * 16; }
+__host__ __device__ inline int tiles_of(const QLayer& L) { return L.out_pad / kWarpCols; }  // out_pad: whole tiles
 
 // Where a block's shared memory goes (bytes), for NB rows of x.
 struct SharedLayout {
@@ -138,25 +139,21 @@ __device__ void stage_x(const GemvArgs& a, int first, half2* xs, float* xscale, 
 
 // ---- one chunk ------------------------------------------------------------------------------------
 
-// A chunk's words for this thread's 4 columns: v[k] is word row k (k < bits), sm its group's
-// half2 (scale, min) ×4.
-struct ChunkWords {
-  uint4 v[8];
-  uint4 sm;
-};
-
-// float16 dot products of the centred q with the staged x, then in float32
-// acc += scale·xscale·dot + (min + 2^(b-1)·scale)·Σx (the second term restores centring and minimum).
+// One chunk from this thread's ring slot (`words`: row k is word row k of its 4 columns, row
+// max_bits their group's half2 (scale, min) ×4): float16 dot products of the centred q with the
+// staged x, then in float32 acc += scale·xscale·dot + (min + 2^(b-1)·scale)·Σx (the second term
+// restores centring and minimum).
 template <int NB, int BITS>
-__device__ __forceinline__ void gemv_chunk(const ChunkWords& cw, int slot, int x_slots, const half2* xs,
+__device__ __forceinline__ void gemv_chunk(const uint4* words, int max_bits, int slot, int x_slots, const half2* xs,
                                            const float* xscale, const float* xsum, float (&acc)[NB][4]) {
   uint32_t w[4][BITS];
 #pragma unroll
   for (int k = 0; k < BITS; ++k) {
-    w[0][k] = cw.v[k].x;
-    w[1][k] = cw.v[k].y;
-    w[2][k] = cw.v[k].z;
-    w[3][k] = cw.v[k].w;
+    const uint4 v = words[k * 32];
+    w[0][k] = v.x;
+    w[1][k] = v.y;
+    w[2][k] = v.z;
+    w[3][k] = v.w;
   }
   half2 dot[NB][4];
 #pragma unroll
@@ -181,7 +178,8 @@ __device__ __forceinline__ void gemv_chunk(const ChunkWords& cw, int slot, int x
       for (int c = 0; c < 4; ++c) dot[b][c] = __hfma2(x2, q[c], dot[b][c]);
     }
   });
-  const half2* sm = reinterpret_cast<const half2*>(&cw.sm);
+  const uint4 sm4 = words[max_bits * 32];
+  const half2* sm = reinterpret_cast<const half2*>(&sm4);
   float scale[4], offset[4];
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
@@ -236,7 +234,7 @@ struct Block {
   __device__ Block(const GemvArgs& a, int index) {
     const int chunks = a.layer.chunks;
     begin = index * a.items_per_block;
-    end = min(begin + a.items_per_block, ((a.layer.out_pad + kWarpCols - 1) / kWarpCols) * chunks);
+    end = min(begin + a.items_per_block, tiles_of(a.layer) * chunks);
     first_tile = begin / chunks;
     last_tile = (end - 1) / chunks;
     first_chunk = a.items_per_block >= chunks ? 0 : begin % chunks;
@@ -257,17 +255,6 @@ __device__ __forceinline__ void request_item(const GemvArgs& a, const Block& blk
   const int bits = min(m.y, a.max_bits);
   for (int k = 0; k < bits; ++k) cp_async16(ring + k * 32, words + k * 32);  // a chunk's rows are contiguous
   cp_async16(ring + a.max_bits * 32, reinterpret_cast<const uint4*>(L.scale_min) + tile_major4(L.groups, m.z, col4));
-}
-
-template <int NB, int BITS>
-__device__ __forceinline__ void compute_item(const GemvArgs& a, const uint4* ring, int slot,
-                                             const half2* xs, const float* xscale, const float* xsum,
-                                             float (&acc)[NB][4]) {
-  ChunkWords cw;
-#pragma unroll
-  for (int k = 0; k < BITS; ++k) cw.v[k] = ring[k * 32];
-  cw.sm = ring[a.max_bits * 32];
-  gemv_chunk<NB, BITS>(cw, slot, a.x_slots, xs, xscale, xsum, acc);
 }
 
 // What the output adds to x Wᵀ: the bias and the residual (either may be absent).
@@ -338,9 +325,9 @@ __global__ void __launch_bounds__(kThreads, NB > 2 ? 1 : 4) qgemv_kernel(GemvArg
   half2* xs = reinterpret_cast<half2*>(smem + at.xs);
   float* xscale = reinterpret_cast<float*>(smem + at.xscale);
   float* xsum = reinterpret_cast<float*>(smem + at.xsum);
-  uint4* ring = reinterpret_cast<uint4*>(smem + at.ring) + size_t(warp) * a.stages * (a.max_bits + 1) * 32 + lane;
+  const int slot_uint4s = SharedLayout::slot_bytes(a.max_bits) / 16;
+  uint4* ring = reinterpret_cast<uint4*>(smem + at.ring) + size_t(warp) * a.stages * slot_uint4s + lane;
   float* red = reinterpret_cast<float*>(smem + at.red);
-  const int slot_uint4s = (a.max_bits + 1) * 32;
 
   // 1. the block's chunk metadata; 2. each warp's first chunks in flight; 3. x, while they arrive.
   // Steps 1-2 read only the layer, so under programmatic dependent launch they overlap the end of
@@ -379,7 +366,7 @@ __global__ void __launch_bounds__(kThreads, NB > 2 ? 1 : 4) qgemv_kernel(GemvArg
       const int slot = blk.slot_of(cur.chunk, chunks);
       const uint4* mine = ring + (k % a.stages) * slot_uint4s;
       with_width(meta[slot].y, [&](auto width) {
-        compute_item<NB, decltype(width)::bits>(a, mine, slot, xs, xscale, xsum, acc);
+        gemv_chunk<NB, decltype(width)::bits>(mine, a.max_bits, slot, a.x_slots, xs, xscale, xsum, acc);
       });
     }
     finish_tile<T, NB>(a, blk, tile, acc, red);
@@ -388,11 +375,11 @@ __global__ void __launch_bounds__(kThreads, NB > 2 ? 1 : 4) qgemv_kernel(GemvArg
 }
 
 int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
-int tiles_of(const QLayer& L) { return ceil_div(L.out_pad, kWarpCols); }
 
 struct GemvPlan {
   int grid, items_per_block, x_slots, stages;
   size_t shared;
+  bool dependent;  // launched with programmatic dependent launch (sm_90: griddepcontrol)
 };
 
 struct DeviceInfo {
@@ -409,17 +396,9 @@ DeviceInfo current_device() {
   return d;
 }
 
-// Shared memory a block may take so that the blocks one multiprocessor gets fit it together.
-int shared_budget(int target_blocks) {
-  const DeviceInfo d = current_device();
-  const int blocks = std::max(1, ceil_div(target_blocks, d.multiprocessors));
-  return d.shared_per_multiprocessor / blocks - 1024 - 64;  // the runtime's reserve and the static shared memory
-}
-
 // About `target_blocks` blocks of equal runs of items, at least one chunk per warp, and few enough
-// chunks that a block's x fits kStageBytes; the deepest ring (kMinStages at least) that lets the
-// blocks one multiprocessor gets fit it together.
-GemvPlan plan_gemv(const QLayer& L, int batch, int target_blocks, int max_bits) {
+// chunks that a block's x fits kStageBytes (fit_device sizes the ring).
+GemvPlan plan_gemv(const QLayer& L, int batch, int target_blocks) {
   const int64_t items = int64_t(tiles_of(L)) * L.chunks;
   const int max_slots = std::max(kWarps, kStageBytes / (batch * kStageBytesPerChunkRow));
   int grid = std::max(1, std::min(target_blocks, ceil_div(items, kWarps)));
@@ -427,12 +406,19 @@ GemvPlan plan_gemv(const QLayer& L, int batch, int target_blocks, int max_bits) 
   if (std::min(per_block, L.chunks) > max_slots) per_block = max_slots;
   grid = ceil_div(items, per_block);
   per_block = ceil_div(items, grid);  // the same grid, runs as even as can be
-  GemvPlan p{grid, per_block, std::min(per_block, L.chunks), kMaxStages, 0};
+  return GemvPlan{grid, per_block, std::min(per_block, L.chunks), 0, 0, false};
+}
+
+// The deepest ring (kMinStages at least) that lets the blocks one multiprocessor gets fit it
+// together, and how the kernel is launched on this device.
+void fit_device(GemvPlan& p, int batch, int target_blocks, int max_bits, const DeviceInfo& d) {
+  const int blocks = std::max(1, ceil_div(target_blocks, d.multiprocessors));
+  const int budget = d.shared_per_multiprocessor / blocks - 1024 - 64;  // the runtime's reserve, static shared
   const int fixed = SharedLayout(batch, p.x_slots, 0, max_bits).total;
   const int per_stage = kWarps * SharedLayout::slot_bytes(max_bits);
-  p.stages = std::max(kMinStages, std::min(kMaxStages, (shared_budget(target_blocks) - fixed) / per_stage));
+  p.stages = std::max(kMinStages, std::min(kMaxStages, (budget - fixed) / per_stage));
   p.shared = SharedLayout(batch, p.x_slots, p.stages, max_bits).total;
-  return p;
+  p.dependent = d.major >= 9;
 }
 
 template <typename T, int NB>
@@ -450,7 +436,7 @@ cudaError_t launch_gemv(const GemvArgs& a, const GemvPlan& p, cudaStream_t strea
   cudaLaunchAttribute overlap[1];
   overlap[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   overlap[0].val.programmaticStreamSerializationAllowed = 1;
-  if (current_device().major >= 9) {  // griddepcontrol needs sm_90
+  if (p.dependent) {
     config.attrs = overlap;
     config.numAttrs = 1;
   }
@@ -475,7 +461,7 @@ cudaError_t launch_gemv_batch(const GemvArgs& a, const GemvPlan& p, int batch, c
 }  // namespace
 
 int64_t qgemv_workspace_floats(const QLayer& layer, int batch, int target_blocks) {
-  return int64_t(plan_gemv(layer, batch, target_blocks, 8).grid) * kPartialSlots * batch * kWarpCols;
+  return int64_t(plan_gemv(layer, batch, target_blocks).grid) * kPartialSlots * batch * kWarpCols;
 }
 
 int qgemv_counters(const QLayer& layer) { return tiles_of(layer); }
@@ -484,7 +470,8 @@ cudaError_t qgemv(const QLayer& layer, const GemvIo& io, int batch, int dtype, f
                   int target_blocks, int max_bits, cudaStream_t stream) {
   if (batch < 1 || batch > kMaxBatchRows || layer.chunks < 1 || max_bits < 2 || max_bits > 8)
     return cudaErrorInvalidValue;
-  const GemvPlan p = plan_gemv(layer, batch, target_blocks, max_bits);
+  GemvPlan p = plan_gemv(layer, batch, target_blocks);
+  fit_device(p, batch, target_blocks, max_bits, current_device());
   const GemvArgs a{layer,     io.x,     io.gate,           io.ldx,    io.y,     io.ldy,  io.residual,
                    io.bias,   workspace, counters,         p.items_per_block, p.x_slots, p.stages, max_bits};
   switch (dtype) {
