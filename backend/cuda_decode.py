@@ -9,11 +9,12 @@ the KV write, SDPA, casts and adds); launched one by one from Python that costs 
 the GPU needs for the weights (docs/CUDA.md), so the whole step is captured once into a CUDA graph
 and replayed per token. Where trimtab's decode kernels serve the model (head_dim 64/128/256, up to 8
 query heads per KV head) a layer is 10 kernels: RMSNorm, the q, k, v GEMVs, rotary + KV write,
-attention split over the cache (flash-decoding, 2 kernels), the o GEMV adding the residual, RMSNorm, the gate and
-up GEMVs, and the down GEMV that takes silu(gate)·up as its input and adds the residual (a float
-linear runs those last two as torch ops). The graph reads the token and the position from device tensors written before each replay,
-attends over the whole static cache under a mask built from the position, and writes the logits
-into a static tensor (valid until the next step). A new cache object is captured anew. Batch 1,
+attention split over the cache (flash-decoding, 2 kernels), the o GEMV adding the residual,
+RMSNorm, the gate and up GEMVs, and the down GEMV that takes silu(gate)·up as its input and adds
+the residual (a float linear runs those last two as torch ops). The graph reads the token and the
+position from device tensors written before each replay, attends over the whole static cache under
+a mask built from the position, and writes the logits into a static tensor (valid until the next
+step). A new cache object is captured anew. Batch 1,
 full or sliding-window attention, HF (non-interleaved) rotary. Under tensor parallelism each rank
 captures its share of every layer and the two all-reduces of a layer (NCCL, captured into the graph);
 the residual adds then follow the all-reduce instead of riding in the GEMV.

@@ -108,7 +108,8 @@ __device__ __forceinline__ void store_chunk_x(const float (&v)[NB], int slot, in
     }
     // amax < 2^e with e = E − 126 (E: amax's exponent field); 2^-e and 2^e made from their bits
     const int e_field = min(int(__float_as_uint(amax) >> 23), 252);
-    const float down = __uint_as_float(uint32_t(253 - e_field) << 23), up = __uint_as_float(uint32_t(e_field + 1) << 23);
+    const float down = __uint_as_float(uint32_t(253 - e_field) << 23);
+    const float up = __uint_as_float(uint32_t(e_field + 1) << 23);
     half* pairs = reinterpret_cast<half*>(xs + (b * x_slots + slot) * kPairs);
     pairs[(lane & 15) * 2 + (lane >> 4)] = __float2half_rn(v[b] * down);
     if (lane == 0) {
