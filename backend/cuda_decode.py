@@ -65,7 +65,7 @@ class CudaGraphDecoder:
         x = m.embed(tokens)                                                 # [1, S, D]
         for layer in m.layers:
             attn = layer.self_attn
-            h = _rms_norm(x, layer.input_layernorm)
+            h = self._rms_norm(x, layer.input_layernorm)
             q = rotary(attn.q_proj(h).view(1, S, attn.num_heads, attn.head_dim)).transpose(1, 2)
             k = rotary(attn.k_proj(h).view(1, S, attn.num_kv_heads, attn.head_dim)).transpose(1, 2)
             v = attn.v_proj(h).view(1, S, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
@@ -73,23 +73,28 @@ class CudaGraphDecoder:
             keys[:, :, begin:begin + S] = k
             values[:, :, begin:begin + S] = v
             groups = attn.num_heads // attn.num_kv_heads
-            if begin == 0 and layer.sliding_window is None:  # causal over the chunk alone: flash attention
-                k_all, v_all, mask, causal = k, v, None, True
+            if begin == 0 and layer.sliding_window is None:  # causal over the chunk alone: flash attention, GQA
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
             else:
-                k_all, v_all = keys[:, :, :begin + S], values[:, :, :begin + S]
                 slot = torch.arange(begin + S, device=m.device)
                 mask = slot[None, :] <= positions[:, None]                    # [S, T]
                 if layer.sliding_window is not None:
                     mask &= positions[:, None] - slot[None, :] < layer.sliding_window
-                mask, causal = mask[None, None], False
-            out = F.scaled_dot_product_attention(q, k_all.repeat_interleave(groups, 1),
-                                                 v_all.repeat_interleave(groups, 1), attn_mask=mask, is_causal=causal)
+                out = F.scaled_dot_product_attention(q, keys[:, :, :begin + S].repeat_interleave(groups, 1),
+                                                     values[:, :, :begin + S].repeat_interleave(groups, 1),
+                                                     attn_mask=mask[None, None])
             x = x + m.tp.all_reduce(attn.o_proj(out.transpose(1, 2).reshape(1, S, attn.num_heads * attn.head_dim)))
-            h = _rms_norm(x, layer.post_attention_layernorm)
+            h = self._rms_norm(x, layer.post_attention_layernorm)
             mlp = layer.mlp
             x = x + m.tp.all_reduce(mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h)))
         cache.advance(S)
         return x
+
+    def _rms_norm(self, x: torch.Tensor, norm) -> torch.Tensor:
+        """x [..., D]: trimtab's one-kernel RMSNorm where its decode kernels serve the model, else ops."""
+        if self.fused and x.is_cuda:
+            return cuda_ops.rms_norm(x.contiguous(), norm.weight, norm.eps)
+        return _rms_norm(x, norm)
 
     @torch.inference_mode()
     def step(self, token: int | torch.Tensor, cache: KVCache) -> torch.Tensor:

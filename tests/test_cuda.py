@@ -161,6 +161,39 @@ def test_fused_graph_step_matches_torch_ops(quantized, head_dim, window):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim,group", [(64, 1), (128, 4), (256, 8), (128, 3)])
+def test_decode_attention_matches_softmax(dtype, head_dim, group):
+    """The split attention and its merge against softmax(q Kᵀ·scale) V over the valid slots: positions
+    inside the first split, on split boundaries and at the cache's end, left padding, a window, and
+    garbage (NaN) in every slot outside the valid range."""
+    from trimtab.backend import cuda_ops
+
+    kv_heads, slots = 2, 100
+    g = torch.Generator().manual_seed(head_dim + group)
+    keys = torch.randn(1, kv_heads, slots, head_dim, generator=g).to(dtype).cuda()
+    values = torch.randn(1, kv_heads, slots, head_dim, generator=g).to(dtype).cuda()
+    q = torch.randn(kv_heads * group * head_dim, generator=g).to(dtype).cuda()
+    workspace = torch.empty(cuda_ops.attention_workspace(kv_heads, slots, head_dim), device="cuda")
+    scale = head_dim ** -0.5
+    for position, first, window in [(0, 0, 0), (5, 2, 0), (31, 0, 0), (32, 0, 0), (63, 10, 0), (99, 0, 0),
+                                    (70, 0, 9), (64, 40, 30)]:
+        lo = max(first, position - window + 1 if window else 0)
+        poisoned_k, poisoned_v = keys.clone(), values.clone()
+        for t in (poisoned_k, poisoned_v):
+            t[:, :, :lo] = float("nan")
+            t[:, :, position + 1:] = float("nan")
+        out = cuda_ops.decode_attention(q, poisoned_k, poisoned_v, torch.tensor([position], device="cuda"),
+                                        torch.tensor([first], device="cuda"), workspace, scale, window)
+        k, v = keys[0, :, lo:position + 1].double(), values[0, :, lo:position + 1].double()  # [H_kv, n, hd]
+        qh = q.double().view(kv_heads, group, head_dim)
+        ref = torch.softmax(qh @ k.transpose(1, 2) * scale, dim=-1) @ v                      # [H_kv, G, hd]
+        tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+        torch.testing.assert_close(out.double().view_as(ref), ref, rtol=tol, atol=tol,
+                                   msg=lambda m: f"position {position}, first {first}, window {window}: {m}")
+
+
+@needs_cuda
 def test_dequantized_rows_match_reference():
     from trimtab.backend.quant.kernels import PackedLinear
 
@@ -187,7 +220,7 @@ def test_graph_decoder_ops_match_model_forward(tmp_path):
     write_tiny_model_dir("llama", tmp_path)
     model = trimtab.load(str(tmp_path), device="cpu").transformer
     decoder = object.__new__(CudaGraphDecoder)  # the ops without the CUDA-only constructor checks
-    decoder.model, decoder.prefill_chunk = model, 5
+    decoder.model, decoder.prefill_chunk, decoder.fused = model, 5, False
     tokens = torch.randint(0, model.args.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     reference_cache, cache = model.new_cache(1, 32), model.new_cache(1, 32)
     reference = model.forward(tokens, reference_cache, last_only=True)[0, -1]

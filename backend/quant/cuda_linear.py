@@ -142,8 +142,9 @@ class CudaPackedLinear(PackedLinear):
 
     def dequantized_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         """rows: [n, in] → [n, out]: W's columns dequantized a slice at a time, then cuBLAS."""
-        slices = [rows @ wt[:, :end - begin] for begin, end, wt in self._column_slices(rows.dtype)]
-        y = slices[0] if len(slices) == 1 else torch.cat(slices, dim=1)   # [n, out]
+        y = torch.empty(rows.shape[0], self.out_features, dtype=rows.dtype, device=self.device)   # [n, out]
+        for begin, end, wt in self._column_slices(rows.dtype):
+            torch.mm(rows, wt[:, :end - begin], out=y[:, begin:end])   # cuBLAS writes the slice in place
         if self.bias is not None:
             y += self.bias.to(y.dtype)
         return y

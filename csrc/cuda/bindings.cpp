@@ -237,6 +237,10 @@ Tensor decode_attention(const Tensor& q, const Tensor& keys, const Tensor& value
   check_cache(values, q, kv_heads, head_dim, "values", op);
   TT_CHECK(keys.strides() == values.strides(), op, "keys and values must share strides");
   TT_CHECK(q.is_contiguous() && q.numel() % (kv_heads * head_dim) == 0, op, "q must be contiguous whole heads");
+  const int64_t vector = 16 / keys.element_size();  // the kernel reads the cache 16 bytes at a time
+  const auto aligned = [](const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  TT_CHECK(aligned(keys) && aligned(values) && keys.stride(1) % vector == 0 && keys.stride(2) % vector == 0,
+           op, "the cache must be 16-byte aligned, its head and slot strides whole 16-byte pieces");
   const int64_t group = q.numel() / (kv_heads * head_dim);
   TT_CHECK(trimtab_cuda::attention_supported(int(head_dim), int(group)), op, "head_dim ", head_dim,
            " with ", group, " query heads per key head is not supported (head_dim 64/128/256, up to 8)");

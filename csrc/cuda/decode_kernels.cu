@@ -43,12 +43,13 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const T* x, cons
   __shared__ float partial[kNormThreads / 32];
   const T* row = x + size_t(blockIdx.x) * dim;
   T* out = y + size_t(blockIdx.x) * dim;
-  float v[kNormPerThread];
+  float v[kNormPerThread], w[kNormPerThread];
   float sum = 0.0f;
 #pragma unroll
-  for (int k = 0; k < kNormPerThread; ++k) {  // all loads first: one memory latency
+  for (int k = 0; k < kNormPerThread; ++k) {  // all loads first, the weight's too: one memory latency
     const int i = threadIdx.x + k * kNormThreads;
     v[k] = i < dim ? Io<T>::load(row[i]) : 0.0f;
+    w[k] = i < dim ? Io<T>::load(weight[i]) : 0.0f;
   }
 #pragma unroll
   for (int k = 0; k < kNormPerThread; ++k) sum = fmaf(v[k], v[k], sum);
@@ -68,7 +69,7 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const T* x, cons
 #pragma unroll
   for (int k = 0; k < kNormPerThread; ++k) {
     const int i = threadIdx.x + k * kNormThreads;
-    if (i < dim) out[i] = Io<T>::store(Io<T>::load(weight[i]) * round_trip<T>(v[k] * inv));
+    if (i < dim) out[i] = Io<T>::store(w[k] * round_trip<T>(v[k] * inv));
   }
   for (int i = threadIdx.x + kNormPerThread * kNormThreads; i < dim; i += kNormThreads)
     out[i] = Io<T>::store(Io<T>::load(weight[i]) * round_trip<T>(Io<T>::load(row[i]) * inv));
@@ -108,120 +109,169 @@ __global__ void rotary_kv_kernel(RotaryKvArgs a) {
 
 // ---- decode attention ---------------------------------------------------------------------------
 // Block (kv head, split): the split's slots [split·kSlots, +kSlots) ∩ [first valid, position].
-// Each warp scores its slots for all G query heads of the kv head (a lane holds HD/32 dims), the
-// block takes the softmax's max and sum over its slots, then each thread sums p·V for its dims.
-// The partial (max, sum, output) goes to the workspace; a second kernel merges the splits (merging
-// in the last block of each head, one thread serially over several outputs, measured slower).
+// Latency, not bandwidth, bounds a block (a 1k cache is 4 MB a layer): after the position, every
+// thread puts all its key and value loads in flight at once (16 bytes each), so the block waits on
+// memory twice in all. Four threads score a slot for all G query heads of the kv head (each a
+// quarter of the dims, q from shared memory); one warp per query head takes the softmax's max and
+// sum over the block's 32 slots; each thread then sums p·V over its slots for 16 bytes of dims, and
+// the block adds those per slot group in shared memory. The partial (max, sum, output) goes to the
+// workspace; a second kernel merges the splits.
 
 constexpr int kAttnThreads = 128;
-constexpr int kSlots = 32;  // slots a block scores: a 1k cache is 33 blocks a KV head
-constexpr int kMaxGroup = 8;  // query heads per key/value head
+constexpr int kSlots = 32;                      // slots a block scores: a 1k cache is 33 blocks a KV head
+constexpr int kParts = kAttnThreads / kSlots;   // threads scoring one slot
+constexpr int kMaxGroup = 8;                    // query heads per key/value head
+
+template <typename T>
+struct Vec16 {  // 16 bytes of T, as floats
+  static constexpr int n = 16 / sizeof(T);
+  static __device__ __forceinline__ void load(const T* p, float (&v)[n]) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < n; ++i) v[i] = Io<T>::load(e[i]);
+  }
+};
 
 template <typename T, int HD>
 __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttentionArgs a) {
-  constexpr int kPerLane = HD / 32;
-  __shared__ float scores[kMaxGroup][kSlots];
-  __shared__ float stats[kMaxGroup][2];  // max, sum
-  const int kv = blockIdx.x, split = blockIdx.y;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  constexpr int E = Vec16<T>::n;                    // elements a 16-byte load brings
+  constexpr int kPartDims = HD / kParts;            // a key's dims one scoring thread holds
+  constexpr int kKeyLoads = kPartDims / E;
+  constexpr int kRowVecs = HD / E;                  // 16-byte pieces of a value row
+  constexpr int kSlotGroups = kAttnThreads / kRowVecs;
+  constexpr int kValueLoads = kSlots / kSlotGroups;  // value rows a thread reads (its piece of each)
+  constexpr int kQPad = kPartDims + 4;              // parts of q 4 banks apart
+  __shared__ __align__(16) float qs[kMaxGroup][kParts][kQPad];
+  __shared__ float probs[kMaxGroup][kSlots];
+  __shared__ __align__(16) float sums[kSlotGroups][kMaxGroup][HD];
+  const int kv = blockIdx.x, split = blockIdx.y, tid = threadIdx.x;
   const int G = a.group;
+  const T* q = static_cast<const T*>(a.q) + size_t(kv) * G * HD;
+  for (int i = tid; i < G * HD; i += kAttnThreads) {  // in flight with the position
+    const int d = i % HD;
+    qs[i / HD][d / kPartDims][d % kPartDims] = Io<T>::load(q[i]) * a.scale;
+  }
   const int64_t position = *a.position;
   const int64_t first = max(int64_t(*a.first_slot), a.window > 0 ? position - a.window + 1 : int64_t(0));
-  const int64_t s_begin = max(int64_t(split) * kSlots, first);
-  const int64_t s_end = min(int64_t(split + 1) * kSlots, position + 1);  // exclusive
-  const T* keys = static_cast<const T*>(a.keys) + size_t(kv) * a.head_stride;
-  const T* values = static_cast<const T*>(a.values) + size_t(kv) * a.head_stride;
-
-  // this lane's dims of each query head, pre-scaled
-  float q[kMaxGroup][kPerLane];
-#pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g)
-#pragma unroll
-    for (int e = 0; e < kPerLane; ++e)
-      q[g][e] = g < G ? Io<T>::load(static_cast<const T*>(a.q)[size_t(kv * G + g) * HD + lane * kPerLane + e]) * a.scale
-                      : 0.0f;
-
-  constexpr int kUnroll = 4;  // slots a warp loads before it reduces: their loads overlap
-  for (int64_t s0 = s_begin + warp * kUnroll; s0 < s_end; s0 += kUnroll * (kAttnThreads / 32)) {
-    float kf[kUnroll][kPerLane];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const T* k = keys + size_t(s0 + u) * a.slot_stride + lane * kPerLane;
-#pragma unroll
-      for (int e = 0; e < kPerLane; ++e) kf[u][e] = s0 + u < s_end ? Io<T>::load(k[e]) : 0.0f;
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (s0 + u >= s_end) break;
-#pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g) {
-        if (g >= G) break;
-        float dot = 0.0f;
-#pragma unroll
-        for (int e = 0; e < kPerLane; ++e) dot = fmaf(q[g][e], kf[u][e], dot);
-        dot = warp_sum(dot);
-        if (lane == 0) scores[g][s0 + u - int64_t(split) * kSlots] = dot;
-      }
-    }
-  }
-  __syncthreads();
-  const int n = int(max(int64_t(0), s_end - s_begin));
-  const int offset = int(s_begin - int64_t(split) * kSlots);
-  // softmax statistics per query head: warp g handles heads g, g + 4, ...
-  for (int g = warp; g < G; g += kAttnThreads / 32) {
-    float m = -FLT_MAX;
-    for (int i = lane; i < n; i += 32) m = fmaxf(m, scores[g][offset + i]);
-    m = warp_max(m);
-    float l = 0.0f;
-    for (int i = lane; i < n; i += 32) {
-      const float p = __expf(scores[g][offset + i] - m);
-      scores[g][offset + i] = p;
-      l += p;
-    }
-    l = warp_sum(l);
-    if (lane == 0) stats[g][0] = m, stats[g][1] = l;
-  }
-  __syncthreads();
-  // partial outputs: thread d sums p·V[:, d] for every query head
+  const int64_t base = int64_t(split) * kSlots;
+  const int64_t s_begin = max(base, first);
+  const int64_t s_end = min(min(base + kSlots, position + 1), int64_t(a.max_slots));  // exclusive
   float* part = a.workspace + (size_t(kv) * gridDim.y + split) * (kMaxGroup * (HD + 2));
-  for (int d = threadIdx.x; d < HD; d += kAttnThreads) {
-    float o[kMaxGroup] = {};
-#pragma unroll 8
-    for (int i = 0; i < n; ++i) {
-      const float v = Io<T>::load(values[size_t(s_begin + i) * a.slot_stride + d]);
+  if (s_begin >= s_end) {  // nothing to attend to here: an empty partial
+    if (tid < G) part[tid * (HD + 2) + HD] = -FLT_MAX, part[tid * (HD + 2) + HD + 1] = 0.0f;
+    return;
+  }
+  const auto valid = [&](int s) { return base + s >= s_begin && base + s < s_end; };
+  const T* keys = static_cast<const T*>(a.keys) + size_t(kv) * a.head_stride + size_t(base) * a.slot_stride;
+  const T* values = static_cast<const T*>(a.values) + size_t(kv) * a.head_stride + size_t(base) * a.slot_stride;
+
+  // every key and value load at once: key slot tid / kParts (its part tid % kParts), value piece
+  // tid % kRowVecs of slots tid / kRowVecs + kSlotGroups·i; invalid slots read as 0
+  const int k_slot = tid / kParts, k_part = tid % kParts;
+  const int v_piece = tid % kRowVecs, v_group = tid / kRowVecs;
+  float kf[kKeyLoads][E] = {}, vf[kValueLoads][E] = {};
 #pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g)
-        if (g < G) o[g] = fmaf(scores[g][offset + i], v, o[g]);
+  for (int j = 0; j < kKeyLoads; ++j)
+    if (valid(k_slot)) Vec16<T>::load(keys + size_t(k_slot) * a.slot_stride + k_part * kPartDims + j * E, kf[j]);
+#pragma unroll
+  for (int i = 0; i < kValueLoads; ++i) {
+    const int s = v_group + i * kSlotGroups;
+    if (valid(s)) Vec16<T>::load(values + size_t(s) * a.slot_stride + v_piece * E, vf[i]);
+  }
+  __syncthreads();  // qs
+
+  // scores: this thread's part of the dot, summed over the slot's kParts neighbouring lanes
+#pragma unroll
+  for (int g = 0; g < kMaxGroup; ++g) {
+    if (g >= G) break;
+    float dot = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kKeyLoads; ++j)
+#pragma unroll
+      for (int e = 0; e < E; e += 4) {
+        const float4 q4 = *reinterpret_cast<const float4*>(&qs[g][k_part][j * E + e]);
+        dot = fmaf(q4.x, kf[j][e], fmaf(q4.y, kf[j][e + 1], fmaf(q4.z, kf[j][e + 2], fmaf(q4.w, kf[j][e + 3], dot))));
+      }
+#pragma unroll
+    for (int o = 1; o < kParts; o <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    if (k_part == 0) probs[g][k_slot] = valid(k_slot) ? dot : -FLT_MAX;
+  }
+  __syncthreads();
+
+  // softmax statistics: warp w takes query heads w, w + 4, ...; lane = slot
+  const int warp = tid / 32, lane = tid % 32;
+  for (int g = warp; g < G; g += kAttnThreads / 32) {
+    const float score = probs[g][lane];
+    const float m = warp_max(score);  // finite: the block has a valid slot
+    const float p = __expf(score - m);
+    probs[g][lane] = p;
+    const float l = warp_sum(p);
+    if (lane == 0) part[g * (HD + 2) + HD] = m, part[g * (HD + 2) + HD + 1] = l;
+  }
+  __syncthreads();
+
+  // p·V: this thread's piece of its slots' value rows, then the slot groups added in shared memory
+#pragma unroll
+  for (int g = 0; g < kMaxGroup; ++g) {
+    if (g >= G) break;
+    float o[E] = {};
+#pragma unroll
+    for (int i = 0; i < kValueLoads; ++i) {
+      const float p = probs[g][v_group + i * kSlotGroups];
+#pragma unroll
+      for (int e = 0; e < E; ++e) o[e] = fmaf(p, vf[i][e], o[e]);
     }
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g)
-      if (g < G) part[g * (HD + 2) + d] = o[g];
+    for (int e = 0; e < E; e += 4)
+      *reinterpret_cast<float4*>(&sums[v_group][g][v_piece * E + e]) = make_float4(o[e], o[e + 1], o[e + 2], o[e + 3]);
   }
-  if (threadIdx.x < G) {
-    part[threadIdx.x * (HD + 2) + HD] = n > 0 ? stats[threadIdx.x][0] : -FLT_MAX;
-    part[threadIdx.x * (HD + 2) + HD + 1] = n > 0 ? stats[threadIdx.x][1] : 0.0f;
+  __syncthreads();
+  for (int i = tid; i < G * HD; i += kAttnThreads) {
+    const int g = i / HD, d = i % HD;
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kSlotGroups; ++k) s += sums[k][g][d];
+    part[g * (HD + 2) + d] = s;
   }
 }
 
-// Merge the splits' partials: one thread per (query head, dim), the splits' loads unrolled.
+// Merge the splits' partials: one thread per (query head, dim), online over batches of splits
+// whose loads all go out together (a 1k cache: 2 memory latencies).
 template <typename T, int HD>
 __global__ void __launch_bounds__(HD) attention_merge_kernel(AttentionArgs a, int splits) {
   allow_next_kernel();  // the GEMV after this may start streaming its weights
   constexpr int kStride = kMaxGroup * (HD + 2);
+  constexpr int kBatch = 32;
   const int head = blockIdx.x, d = threadIdx.x;
   const int kv = head / a.group, g = head % a.group;
   const float* parts = a.workspace + size_t(kv) * splits * kStride + g * (HD + 2);
-  float m = -FLT_MAX;
-#pragma unroll 8
-  for (int s = 0; s < splits; ++s) m = fmaxf(m, __ldcg(parts + s * kStride + HD));
-  float l = 0.0f, o = 0.0f;
-#pragma unroll 8
-  for (int s = 0; s < splits; ++s) {
-    const float* p = parts + s * kStride;
-    const float sl = __ldcg(p + HD + 1);
-    const float w = sl > 0.0f ? __expf(__ldcg(p + HD) - m) : 0.0f;
-    l = fmaf(sl, w, l);
-    o = fmaf(sl > 0.0f ? __ldcg(p + d) : 0.0f, w, o);
+  float m = -FLT_MAX, l = 0.0f, o = 0.0f;
+  for (int s0 = 0; s0 < splits; s0 += kBatch) {
+    float ms[kBatch], ls[kBatch], os[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const float* p = parts + size_t(s0 + i) * kStride;
+      const bool in = s0 + i < splits;
+      ms[i] = in ? __ldcg(p + HD) : -FLT_MAX;
+      ls[i] = in ? __ldcg(p + HD + 1) : 0.0f;
+      os[i] = in ? __ldcg(p + d) : 0.0f;
+    }
+    float top = m;
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) top = ls[i] > 0.0f ? fmaxf(top, ms[i]) : top;
+    const float rescale = __expf(m - top);
+    l *= rescale;
+    o *= rescale;
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      if (ls[i] > 0.0f) {  // an empty split's output was never written
+        const float w = __expf(ms[i] - top);
+        l = fmaf(ls[i], w, l);
+        o = fmaf(os[i], w, o);
+      }
+    }
+    m = top;
   }
   static_cast<T*>(a.out)[size_t(head) * HD + d] = Io<T>::store(l > 0.0f ? o / l : 0.0f);
 }
