@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from trimtab.backend import cuda_ops, ops
 from trimtab.backend.errors import TrimtabError
 from trimtab.backend.kv_cache import KVCache
-from trimtab.backend.quant.cuda_linear import CudaPackedLinear
+from trimtab.backend.quant.cuda_linear import CudaPackedLinear, gemv, reserve_gemv, shares_gemv
 
 
 class CudaGraphDecoder:
@@ -61,17 +61,24 @@ class CudaGraphDecoder:
         S, begin = tokens.shape[1], cache.length
         cache.slots(S)  # raises if the cache is full
         positions = torch.arange(begin, begin + S, device=m.device)
-        rotary = _Rotary(m.rope, m.args.rotary_dim, m.args.head_dim, positions)
+        fused = self.fused and positions.is_cuda   # trimtab's kernels for RMSNorm, rotary + cache write, SiLU
+        rotary = None if fused else _Rotary(m.rope, m.args.rotary_dim, m.args.head_dim, positions)
         x = m.embed(tokens)                                                 # [1, S, D]
         for layer in m.layers:
             attn = layer.self_attn
-            h = self._rms_norm(x, layer.input_layernorm)
-            q = rotary(attn.q_proj(h).view(1, S, attn.num_heads, attn.head_dim)).transpose(1, 2)
-            k = rotary(attn.k_proj(h).view(1, S, attn.num_kv_heads, attn.head_dim)).transpose(1, 2)
-            v = attn.v_proj(h).view(1, S, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+            h = _rms_norm(x, layer.input_layernorm, fused)
             keys, values = cache.keys[layer.index], cache.values[layer.index]   # [1, H_kv, T, hd]
-            keys[:, :, begin:begin + S] = k
-            values[:, :, begin:begin + S] = v
+            if fused:
+                q = cuda_ops.rotary_kv(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), keys, values, positions[:1],
+                                       m.rope.inv_freq, m.rope.attention_scaling, attn.head_dim,
+                                       m.args.rotary_dim)[None]                    # [1, H, S, hd]
+                k, v = keys[:, :, begin:begin + S], values[:, :, begin:begin + S]
+            else:
+                q = rotary(attn.q_proj(h).view(1, S, attn.num_heads, attn.head_dim)).transpose(1, 2)
+                k = rotary(attn.k_proj(h).view(1, S, attn.num_kv_heads, attn.head_dim)).transpose(1, 2)
+                v = attn.v_proj(h).view(1, S, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+                keys[:, :, begin:begin + S] = k
+                values[:, :, begin:begin + S] = v
             groups = attn.num_heads // attn.num_kv_heads
             if begin == 0 and layer.sliding_window is None:  # causal over the chunk alone: flash attention, GQA
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
@@ -84,17 +91,12 @@ class CudaGraphDecoder:
                                                      values[:, :, :begin + S].repeat_interleave(groups, 1),
                                                      attn_mask=mask[None, None])
             x = x + m.tp.all_reduce(attn.o_proj(out.transpose(1, 2).reshape(1, S, attn.num_heads * attn.head_dim)))
-            h = self._rms_norm(x, layer.post_attention_layernorm)
+            h = _rms_norm(x, layer.post_attention_layernorm, fused)
             mlp = layer.mlp
-            x = x + m.tp.all_reduce(mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h)))
+            gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+            x = x + m.tp.all_reduce(mlp.down_proj(cuda_ops.silu_mul(gate, up) if fused else F.silu(gate) * up))
         cache.advance(S)
         return x
-
-    def _rms_norm(self, x: torch.Tensor, norm) -> torch.Tensor:
-        """x [..., D]: trimtab's one-kernel RMSNorm where its decode kernels serve the model, else ops."""
-        if self.fused and x.is_cuda:
-            return cuda_ops.rms_norm(x.contiguous(), norm.weight, norm.eps)
-        return _rms_norm(x, norm)
 
     @torch.inference_mode()
     def step(self, token: int | torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -123,6 +125,10 @@ class CudaGraphDecoder:
         # next real step rewrites before anything attends to it
         self.position.fill_(cache.length)
         if self.fused:
+            for layer in self.model.layers:
+                for group in _shared_input_groups(layer):
+                    if shares_gemv(group):
+                        reserve_gemv(group)
             attn = self.model.layers[0].self_attn
             self.first_slot = cache.pad[:1]
             self.attention_workspace = torch.empty(
@@ -151,15 +157,16 @@ class CudaGraphDecoder:
             attn = layer.self_attn
             h = cuda_ops.rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.eps)
             keys, values = cache.keys[layer.index], cache.values[layer.index]  # [1, H_kv, T, hd]
-            q = cuda_ops.rotary_kv(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), keys, values, self.position,
-                                   rope.inv_freq, rope.attention_scaling, attn.head_dim, rotary_dim)  # [1, H·hd]
+            qkv, gate_up = _shared_input_groups(layer)
+            q = cuda_ops.rotary_kv(*_projections(qkv, h), keys, values, self.position, rope.inv_freq,
+                                   rope.attention_scaling, attn.head_dim, rotary_dim).view(1, -1)  # [1, H·hd]
             out = cuda_ops.decode_attention(q, keys, values, self.position, self.first_slot,
                                             self.attention_workspace, attn.head_dim ** -0.5,
                                             layer.sliding_window or 0)
             x = _projection_plus(attn.o_proj, out, x, m.tp)
             h = cuda_ops.rms_norm(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
-            mlp = layer.mlp
-            x = _projection_plus(mlp.down_proj, mlp.up_proj(h), x, m.tp, gate=mlp.gate_proj(h))
+            gate, up = _projections(gate_up, h)
+            x = _projection_plus(layer.mlp.down_proj, up, x, m.tp, gate=gate)
         return m.lm_head(cuda_ops.rms_norm(x, m.norm.weight, m.norm.eps)).float().view(-1)   # [V]
 
     def _torch_step_ops(self, cache: KVCache) -> torch.Tensor:
@@ -201,6 +208,17 @@ class CudaGraphDecoder:
         return attn.o_proj(out.reshape(1, 1, attn.num_heads * attn.head_dim))
 
 
+def _shared_input_groups(layer) -> tuple[tuple, tuple]:
+    """The layer's projections that read the same input: (q, k, v) and (gate, up)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
+
+
+def _projections(linears, h: torch.Tensor) -> list[torch.Tensor]:
+    """h Wᵀ for each layer: one GEMV launch where they are all quantized (shares_gemv), else one by one."""
+    return gemv(linears, h) if shares_gemv(linears) else [linear(h) for linear in linears]
+
+
 def _projection_plus(linear, x: torch.Tensor, residual: torch.Tensor, tp, gate: torch.Tensor | None = None):
     """residual + Σ_ranks linear(u), u = x or silu(gate)·x: the activation inside the GEMV where the
     layer is quantized, the residual add too where the layer is also whole (no all-reduce between)."""
@@ -211,8 +229,11 @@ def _projection_plus(linear, x: torch.Tensor, residual: torch.Tensor, tp, gate: 
     return linear.gemv(x, gate=gate, residual=residual)
 
 
-def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
-    """HF RMSNorm (float32 statistics, rounded to x's dtype, times the weight) in 3 kernels."""
+def _rms_norm(x: torch.Tensor, norm, fused: bool = False) -> torch.Tensor:
+    """HF RMSNorm (float32 statistics, rounded to x's dtype, times the weight): trimtab's kernel where
+    `fused`, else 3 torch ops."""
+    if fused:
+        return cuda_ops.rms_norm(x.contiguous(), norm.weight, norm.eps)
     return F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).to(x.dtype) * norm.weight
 
 

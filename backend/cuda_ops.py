@@ -3,11 +3,13 @@
     from trimtab.backend import cuda_ops
     cuda_ops.available()                                    # a CUDA GPU and a CUDA build of torch
     words = cuda_ops.qrepack(qweight, repack, meta, word_rows)                 # canonical → GPU layout
-    y = cuda_ops.qgemv(x, in_features, words, scale_min, meta, xmap, bias, out, workspace, counters, target_blocks,
-                       max_bits, gate=None, residual=None)     # y = residual + bias + (silu(gate)·x) Wᵀ
+    layer = cuda_ops.GemvLayer(words, scale_min, meta, xmap, bias, out, max_bits)
+    y, = cuda_ops.qgemv(x, in_features, [layer], workspace, counters, target_blocks,
+                        gate=None, residual=None)              # y = residual + bias + (silu(gate)·x) Wᵀ
     cuda_ops.qdequantize_t(wt, words, scale_min, meta, xmap, out, col_begin, col_end)
-    y = cuda_ops.rms_norm(x, weight, eps)                                       # one decode step's
-    q = cuda_ops.rotary_kv(q, k, v, keys, values, position, inv_freq, scaling, head_dim, rotary_dim)
+    y = cuda_ops.rms_norm(x, weight, eps)                                       # decode and prefill
+    u = cuda_ops.silu_mul(gate, up)
+    q = cuda_ops.rotary_kv(q, k, v, keys, values, position, inv_freq, scaling, head_dim, rotary_dim)  # [H, S, hd]
     out = cuda_ops.decode_attention(q, keys, values, position, first_slot, workspace, scale, window)
 
 The layout and the kernels are described in docs/CUDA.md; backend/quant/cuda_linear.py is their
@@ -28,14 +30,15 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from .errors import TrimtabError
 from .ops import OnceBuilt, _build_root, _first_error_line, as_trimtab_error
 
-__all__ = ["available", "load_extension", "qrepack", "qgemv", "qgemv_workspace", "qgemv_counters", "qdequantize_t",
-           "multiprocessor_count", "rms_norm", "rotary_kv", "decode_attention",
+__all__ = ["available", "load_extension", "qrepack", "MAX_GEMV_LAYERS", "GemvLayer", "qgemv", "qgemv_workspace",
+           "qgemv_counters", "qdequantize_t", "multiprocessor_count", "rms_norm", "silu_mul", "rotary_kv", "decode_attention",
            "attention_workspace", "attention_supported"]
 
 
@@ -52,12 +55,28 @@ def qrepack(qweight, repack, meta, word_rows: int) -> torch.Tensor:
         return torch.ops.trimtab_cuda.qrepack(qweight, repack, meta, word_rows)
 
 
-def qgemv(x, in_features: int, words, scale_min, meta, xmap, bias, out: int, workspace, counters,
-          target_blocks: int, max_bits: int, gate=None, residual=None) -> torch.Tensor:
-    """x: [batch <= 8, in] → [batch, out] in x's dtype (float16, bfloat16 or float32):
-    residual + bias + u Wᵀ with u = x, or silu(gate)·x given gate (x's shape); the work is cut into
-    about `target_blocks` equal blocks; max_bits: the layer's widest chunk."""
+MAX_GEMV_LAYERS = 4  # layers one GEMV launch runs (qlinear_cuda.h: kMaxGemvLayers)
+
+
+class GemvLayer(NamedTuple):
+    """One quantized layer in the GPU layout, as the GEMV takes it."""
+    words: torch.Tensor            # int32 [tiles, word_rows, 128]
+    scale_min: torch.Tensor        # half [tiles, groups, 128, 2]
+    meta: torch.Tensor             # int32 [chunks, 4]
+    xmap: torch.Tensor | None      # int32 [chunks * 32] or None (identity)
+    bias: torch.Tensor | None      # float32 [out] or None
+    out: int
+    max_bits: int                  # the layer's widest chunk
+
+
+def qgemv(x, in_features: int, layers: list[GemvLayer], workspace, counters, target_blocks: int, gate=None,
+          residual=None) -> list[torch.Tensor]:
+    """x: [batch <= 8, in] → for each layer [batch, out] in x's dtype (float16, bfloat16 or float32):
+    residual + bias + u Wᵀ with u = x, or silu(gate)·x given gate (x's shape). Up to 4 layers on the
+    same x run as one launch, about `target_blocks` equal blocks shared out by their sizes; a residual
+    only for a single layer."""
     load_extension()
+    words, scale_min, meta, xmap, bias, out, max_bits = (list(field) for field in zip(*layers))
     with _as_trimtab_error():
         return torch.ops.trimtab_cuda.qgemv(x, in_features, words, scale_min, meta, xmap, bias, out, workspace,
                                             counters, target_blocks, max_bits, gate, residual)
@@ -70,9 +89,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return torch.ops.trimtab_cuda.rms_norm(x, weight, eps)
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate)·up in one kernel, rounded as the two torch ops round it (contiguous, one shape)."""
+    load_extension()
+    with _as_trimtab_error():
+        return torch.ops.trimtab_cuda.silu_mul(gate, up)
+
+
 def rotary_kv(q, k, v, keys, values, position, inv_freq, scaling: float, head_dim: int, rotary_dim: int):
-    """One token's q [Hq·hd], k, v [Hkv·hd] → rotated q; rotated k and v written into the cache
-    keys/values [1, Hkv, slots, hd] at slot `position` (a device int64 tensor)."""
+    """q [..., S, Hq·hd], k, v [..., S, Hkv·hd] of S tokens at positions position + [0, S) (position: a
+    device int64 tensor) → rotated q [Hq, S, hd]; rotated k and v written into the cache keys/values
+    [1, Hkv, slots, hd] at those slots. Decode: S = 1."""
     load_extension()
     with _as_trimtab_error():
         return torch.ops.trimtab_cuda.rotary_kv(q, k, v, keys, values, position, inv_freq, scaling, head_dim,
@@ -98,10 +125,13 @@ def attention_supported(head_dim: int, group: int) -> bool:
     return torch.ops.trimtab_cuda.attention_supported(head_dim, group)
 
 
-def qgemv_workspace(words, scale_min, meta, out: int, batch: int, target_blocks: int) -> int:
-    """float32 elements of workspace the GEMV needs for `batch` rows (partial sums of shared tiles)."""
+def qgemv_workspace(layers: list[GemvLayer], batch: int, target_blocks: int) -> int:
+    """float32 elements of workspace a GEMV of these layers needs for `batch` rows (partial sums of
+    shared tiles)."""
     load_extension()
-    return torch.ops.trimtab_cuda.qgemv_workspace(words, scale_min, meta, out, batch, target_blocks)
+    return torch.ops.trimtab_cuda.qgemv_workspace([la.words for la in layers], [la.scale_min for la in layers],
+                                                  [la.meta for la in layers], [la.out for la in layers], batch,
+                                                  target_blocks)
 
 
 def multiprocessor_count(on: torch.Tensor) -> int:
@@ -110,9 +140,10 @@ def multiprocessor_count(on: torch.Tensor) -> int:
     return torch.ops.trimtab_cuda.multiprocessor_count(on)
 
 
-def qgemv_counters(words, scale_min, meta, out: int) -> int:
+def qgemv_counters(layers: list[GemvLayer]) -> int:
     load_extension()
-    return torch.ops.trimtab_cuda.qgemv_counters(words, scale_min, meta, out)
+    return torch.ops.trimtab_cuda.qgemv_counters([la.words for la in layers], [la.scale_min for la in layers],
+                                                 [la.meta for la in layers], [la.out for la in layers])
 
 
 def qdequantize_t(wt, words, scale_min, meta, xmap, out: int, col_begin: int, col_end: int) -> None:

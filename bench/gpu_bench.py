@@ -257,6 +257,42 @@ def time_kernels(results: dict) -> None:
               flush=True)
 
 
+GROUPS = {"q, k, v": [(4096, 4096), (4096, 1024), (4096, 1024)], "gate, up": [(4096, 14336), (4096, 14336)]}
+
+
+def time_groups(results: dict) -> None:
+    """A layer's projections on one input (Llama-3-8B shapes, 4.0 bpw): one GEMV launch each against
+    one launch for all (what the decode step runs); and the prefill's dequantize kernel's bandwidth."""
+    import torch
+    from trimtab.backend.quant.cuda_linear import CudaPackedLinear, gemv, reserve_gemv
+
+    groups = results.setdefault("groups", {})
+    for name, shapes in GROUPS.items():
+        x = torch.randn(1, shapes[0][0], dtype=torch.half, device="cuda")
+        copies = [[CudaPackedLinear(bench_layer(k, n, 4.0), None, "cuda", torch.float16) for k, n in shapes]
+                  for _ in range(COPIES)]
+        reserve_gemv(copies[0])
+        separate = [lambda i=i: [linear.gemv(x) for linear in copies[i % COPIES]] for i in range(CALLS_PER_GRAPH)]
+        together = [lambda i=i: gemv(copies[i % COPIES], x) for i in range(CALLS_PER_GRAPH)]
+        groups[name] = {"separate_us": time_graph(torch, separate) * 1e6,
+                        "one_launch_us": time_graph(torch, together) * 1e6}
+        print(f"gemv group {name}: {groups[name]}", flush=True)
+        del copies
+    linear = CudaPackedLinear(bench_layer(4096, 14336, 4.0), None, "cuda", torch.float16)
+    wt = torch.empty(4096, 14336, dtype=torch.half, device="cuda")
+    seconds = time_graph(torch, [lambda: dequantize_into(linear, wt)] * 20)
+    moved = wt.numel() * 2 + linear.words.numel() * 4 + linear.scale_min.numel() * 2
+    results["dequantize_4096x14336"] = {"us": seconds * 1e6, "tbps": moved / seconds / 1e12}
+    print(f"dequantize 4096x14336: {results['dequantize_4096x14336']}", flush=True)
+
+
+def dequantize_into(linear, wt) -> None:
+    from trimtab.backend import cuda_ops
+
+    cuda_ops.qdequantize_t(wt, linear.words, linear.scale_min, linear.meta, linear.xmap, linear.out_features, 0,
+                           linear.out_features)
+
+
 def exllamav2_built() -> bool:
     """ExLlamaV2's JIT build (started in the background by bench/peers/device_setup.sh) is done:
     importing it now loads rather than compiles."""
@@ -467,6 +503,22 @@ def compare_greedy(results: dict, quantized: Path, steps: int = 64) -> None:
 
 # ---- report -------------------------------------------------------------------------------------
 
+def groups_text(r: dict, copy: float) -> str:
+    """The projections on one input as one launch, and the dequantize kernel's bandwidth (report)."""
+    if "groups" not in r:
+        return ""
+    rows = [[name, f"{g['separate_us']:.1f}", f"{g['one_launch_us']:.1f}",
+             f"{g['separate_us'] / g['one_launch_us']:.2f}×"] for name, g in r["groups"].items()]
+    text = ("\n\nA layer's projections reading the same input, 4.0 bpw, Llama-3-8B shapes, µs for the whole group "
+            "(timed as above): one GEMV launch per projection against one launch for all (the decode step's way).\n\n"
+            + markdown_table(["projections", "one launch each µs", "one launch µs", "speed-up"], rows))
+    d = r.get("dequantize_4096x14336")
+    if d:
+        text += (f"\n\nPrefill's dequantize kernel, 4096x14336 at 4.0 bpw into float16: {d['us']:.1f} µs, "
+                 f"{d['tbps']:.2f} TB/s read + written ({d['tbps'] / copy:.0%} of copy).")
+    return text
+
+
 def report(path: Path) -> None:
     r = json.loads(path.read_text())
     copy = r.get("copy_tbps")
@@ -504,6 +556,7 @@ def report(path: Path) -> None:
         "'% copy' is the bytes trimtab reads per second over the copy bandwidth.\n\n"
         + markdown_table(["shape", "trimtab 4.0 bpw µs", "% copy", "4-bit µs", "1 block/SM µs", "4 blocks/SM µs",
                           "ExLlamaV2 µs", "ExLlamaV2 / trimtab", "fp16 cuBLAS µs", "fp16 / trimtab"], rows)
+        + groups_text(r, copy)
         + "\n\nLlama-3-8B shapes (32 layers, hidden 4096, MLP 14336, 8 KV heads, vocab 128256), random weights, "
         "batch 1, float16 activations. Decode at context 1024: one CUDA graph replay per token "
         "(`backend/cuda_decode.py`), argmax and a host sync per token; 'graph ms' is the graph alone. Prefill: 1024 "
@@ -546,7 +599,7 @@ def report(path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--report", type=Path, help="render BENCHMARKS.md from this gpu.json and stop")
-    parser.add_argument("--parts", default="check,gemv,exl2kernel,decode,exllamav2,greedy")
+    parser.add_argument("--parts", default="check,gemv,groups,exl2kernel,decode,exllamav2,greedy")
     parser.add_argument("--quantized", type=Path, default=PEERS / "smollm2_q3",
                         help="a trimtab-quantized dir for the greedy comparison")
     args = parser.parse_args()
@@ -571,6 +624,7 @@ def main() -> None:
     print(f"{results['card']}: kernels ready in {results['build_s']:.0f} s", flush=True)
     steps = [("check", lambda: results.__setitem__("checks", check_kernels())),
              ("gemv", lambda: time_kernels(results)),
+             ("groups", lambda: time_groups(results)),
              ("decode", lambda: time_end_to_end(results)),
              ("greedy", lambda: compare_greedy(results, args.quantized)),
              ("exl2kernel", lambda: time_exllamav2_kernels(results)),

@@ -109,6 +109,52 @@ def test_gemv_any_grid(blocks, batch):
         assert float((y.double() - ref).norm() / ref.norm()) < 4e-3
 
 
+@needs_cuda
+@pytest.mark.parametrize("blocks", [1, 4, 264])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_gemv_runs_layers_on_one_input_as_one_launch(blocks, batch, dtype):
+    """Layers of different widths, sizes, act-orders and biases reading the same x (q, k, v; gate, up)
+    as one launch: each output as its own GEMV gives it, whatever the blocks; a gate applies to all."""
+    from trimtab.backend.quant.cuda_linear import CudaPackedLinear, gemv, reserve_gemv
+
+    shapes = [(700, [4], 128, False, True), (130, [2, 3, 4, 5, 6, 8], 128, True, False), (333, [8, 3], 64, True, True),
+              (128, [5], 100, False, False)]
+    layers = [random_layer(1000, out, widths, group, perm, seed=i)
+              for i, (out, widths, group, perm, _) in enumerate(shapes)]
+    linears = [CudaPackedLinear(layer, torch.randn(layer.out_features) if with_bias else None, "cuda", dtype)
+               for layer, (*_, with_bias) in zip(layers, shapes)]
+    for linear in linears:
+        linear.target_blocks = lambda: blocks
+    reserve_gemv(linears)
+    x, gate = (torch.randn(batch, 1000, device="cuda").to(dtype) for _ in range(2))
+    for count in (2, 4):
+        for g in (None, gate):
+            ys = gemv(linears[:count], x, gate=g)
+            assert len(ys) == count
+            for y, linear, layer in zip(ys, linears, layers):
+                u = x.double() if g is None else torch.nn.functional.silu(g.double()) * x.double()
+                ref = u @ qformat.dequantize(layer).cuda().double().t()
+                if linear.bias is not None:
+                    ref += linear.bias.double()
+                assert y.shape == (batch, layer.out_features)
+                assert float((y.double() - ref).norm() / ref.norm()) < 4e-3
+
+
+@needs_cuda
+def test_gemv_rejects_bad_groups():
+    from trimtab.backend.errors import TrimtabError
+    from trimtab.backend.quant.cuda_linear import CudaPackedLinear, gemv
+
+    linears = [CudaPackedLinear(random_layer(256, 128, [4], 128, seed=i), None, "cuda", torch.float16)
+               for i in range(5)]
+    x = torch.randn(1, 256, device="cuda").half()
+    with pytest.raises(TrimtabError, match="1 to 4 quantized layers"):
+        gemv(linears, x)
+    with pytest.raises(TrimtabError, match="single layer"):
+        gemv(linears[:2], x, residual=torch.zeros(1, 128, device="cuda").half())
+
+
 def small_llama(quantized: bool, dtype, head_dim: int = 64, window: int | None = None):
     """A 2-layer Llama with head_dim 64 (trimtab's decode kernels serve it) and random weights."""
     from trimtab.backend.models import llama
@@ -191,6 +237,51 @@ def test_decode_attention_matches_softmax(dtype, head_dim, group):
         tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
         torch.testing.assert_close(out.double().view_as(ref), ref, rtol=tol, atol=tol,
                                    msg=lambda m: f"position {position}, first {first}, window {window}: {m}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("window", [None, 7])
+def test_prefill_kernels_match_torch_ops(dtype, window):
+    """Chunked prefill through trimtab's kernels (RMSNorm, rotary + cache write, silu·up) leaves the
+    cache and logits the op-by-op prefill leaves: first chunk and later ones (positions offset)."""
+    from trimtab.backend.cuda_decode import CudaGraphDecoder
+
+    model = small_llama(True, dtype, 64, window)
+    tokens = torch.randint(0, 160, (1, 40), generator=torch.Generator().manual_seed(2)).cuda()
+    results = []
+    for fused in (True, False):
+        decoder = CudaGraphDecoder(model, prefill_chunk=16)
+        decoder.fused = fused
+        cache = model.new_cache(1, 64)
+        logits = decoder.prefill(tokens, cache)
+        results.append((logits, cache.keys[1][:, :, :40].clone(), cache.values[1][:, :, :40].clone()))
+    tol = 2e-3 if dtype == torch.float32 else 2e-2
+    for got, want in zip(*results):
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows,dim", [(1, 4096), (37, 256), (5, 5000), (1, 20000)])
+def test_rms_norm_matches_hf(rows, dim):
+    """One block a row (1024 threads for one row, 256 for many), rows wider than the registers hold."""
+    from trimtab.backend import cuda_ops
+
+    for dtype in (torch.float16, torch.float32):
+        x = torch.randn(rows, dim, device="cuda").to(dtype) * 3
+        weight = (1 + 0.1 * torch.randn(dim, device="cuda")).to(dtype)
+        ref = torch.nn.functional.rms_norm(x.float(), (dim,), eps=1e-5).to(dtype) * weight
+        torch.testing.assert_close(cuda_ops.rms_norm(x, weight, 1e-5), ref, rtol=2e-3, atol=2e-3)
+
+
+@needs_cuda
+def test_silu_mul_rounds_as_torch():
+    from trimtab.backend import cuda_ops
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        gate, up = (torch.randn(3, 1001, device="cuda").to(dtype) * 4 for _ in range(2))
+        torch.testing.assert_close(cuda_ops.silu_mul(gate, up), torch.nn.functional.silu(gate) * up,
+                                   rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, atol=1e-5)
 
 
 @needs_cuda

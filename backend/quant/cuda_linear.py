@@ -4,9 +4,11 @@ into the GPU layout (docs/CUDA.md) and run by the CUDA kernels (csrc/cuda/, back
     linear = CudaPackedLinear(layer, bias, "cuda", torch.bfloat16)   # PackedLinear.from_canonical does this
     y = linear(x)     # x: [..., in] → [..., out] in x's dtype; up to 8 rows: the GEMV on the packed
                       # words; more rows: columns dequantized into a slice in the activations' dtype + cuBLAS
+    q, k, v = gemv([q_proj, k_proj, v_proj], h)   # layers on one input (1-8 rows) as one GEMV launch
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -107,11 +109,9 @@ class CudaPackedLinear(PackedLinear):
             self.bias = None if bias is None else bias.to(device=self.device, dtype=torch.float32).contiguous()
             self.multiprocessors = cuda_ops.multiprocessor_count(self.words)
             self.blocks_per_multiprocessor = type(self).blocks_per_multiprocessor
-            SplitKWorkspace.reserve(
-                self.device,
-                max(cuda_ops.qgemv_workspace(self.words, self.scale_min, self.meta, self.out_features, rows,
-                                             self.target_blocks()) for rows in range(1, GEMV_MAX_ROWS + 1)),
-                cuda_ops.qgemv_counters(self.words, self.scale_min, self.meta, self.out_features))
+            self.gemv_layer = cuda_ops.GemvLayer(self.words, self.scale_min, self.meta, self.xmap, self.bias,
+                                                 self.out_features, self.max_bits)
+            reserve_gemv([self])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] → [..., out]
@@ -135,10 +135,7 @@ class CudaPackedLinear(PackedLinear):
              residual: torch.Tensor | None = None) -> torch.Tensor:
         """rows: [1-8, in] float16/bfloat16/float32 → [rows, out]: residual + b + u Wᵀ, where u is rows,
         or silu(gate)·rows given gate (rows' shape and strides) — the decode step's fusions."""
-        workspace, counters = SplitKWorkspace.tensors(self.device)
-        return cuda_ops.qgemv(rows, self.in_features, self.words, self.scale_min, self.meta, self.xmap, self.bias,
-                              self.out_features, workspace, counters, self.target_blocks(),
-                              self.max_bits, gate, residual)
+        return gemv([self], rows, gate, residual)[0]
 
     def dequantized_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         """rows: [n, in] → [n, out]: W's columns dequantized a slice at a time, then cuBLAS."""
@@ -171,6 +168,38 @@ class CudaPackedLinear(PackedLinear):
         width = max(128, (SLICE_ELEMENTS // max(1, self.in_features)) // 128 * 128)
         for begin in range(0, self.out_features, width):
             end = min(self.out_features, begin + width)
-            wt = torch.empty(self.in_features, -(-(end - begin) // 4) * 4, dtype=dtype, device=self.device)
+            wt = torch.empty(self.in_features, -(-(end - begin) // 8) * 8, dtype=dtype, device=self.device)
             cuda_ops.qdequantize_t(wt, self.words, self.scale_min, self.meta, self.xmap, self.out_features, begin, end)
             yield begin, end, wt
+
+
+def shares_gemv(linears: Sequence) -> bool:
+    """Whether these layers can run as one GEMV launch: quantized on one GPU, one input size, at most 4."""
+    return (1 <= len(linears) <= cuda_ops.MAX_GEMV_LAYERS and all(isinstance(la, CudaPackedLinear) for la in linears)
+            and len({(la.device, la.in_features) for la in linears}) == 1)
+
+
+def reserve_gemv(linears: Sequence[CudaPackedLinear]) -> None:
+    """Size the GPU's GEMV workspace and tile counters for these layers as one launch, 1-8 rows (before
+    a CUDA graph captures it, so that the graph never sees them move)."""
+    first, layers = linears[0], [la.gemv_layer for la in linears]
+    SplitKWorkspace.reserve(
+        first.device,
+        max(cuda_ops.qgemv_workspace(layers, rows, first.target_blocks()) for rows in range(1, GEMV_MAX_ROWS + 1)),
+        cuda_ops.qgemv_counters(layers))
+
+
+def gemv(linears: Sequence[CudaPackedLinear], rows: torch.Tensor, gate: torch.Tensor | None = None,
+         residual: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """rows: [1-8, in] → [rows, out] for each layer (shares_gemv), one launch: residual + b + u Wᵀ with
+    u = rows, or silu(gate)·rows given gate (rows' shape and strides); a residual for one layer only.
+    reserve_gemv(linears) first, for more than one layer."""
+    if not shares_gemv(linears):
+        raise TrimtabError(f"one GEMV launch runs 1 to {cuda_ops.MAX_GEMV_LAYERS} quantized layers of one input size "
+                           f"on one GPU, got {len(linears)}")
+    if residual is not None and len(linears) > 1:
+        raise TrimtabError("a GEMV adds a residual to a single layer's output only")
+    first = linears[0]
+    workspace, counters = SplitKWorkspace.tensors(first.device)
+    return cuda_ops.qgemv(rows, first.in_features, [la.gemv_layer for la in linears], workspace, counters,
+                          first.target_blocks(), gate, residual)

@@ -76,15 +76,36 @@ void check_rows(const Tensor& t, const Tensor& x, int64_t rows, int64_t cols, co
            t.sizes(), " ", t.scalar_type());
 }
 
-// x: [batch, in] (rows may be strided, columns contiguous) → y: [batch, out] in x's dtype:
-// y = residual + bias + u Wᵀ with u = x, or silu(gate)·x where gate is given (gate: x's shape and strides)
-Tensor qgemv(const Tensor& x, int64_t in_features, const Tensor& words, const Tensor& scale_min, const Tensor& meta,
-             const c10::optional<Tensor>& xmap, const c10::optional<Tensor>& bias, int64_t out, Tensor workspace,
-             Tensor counters, int64_t target_blocks, int64_t max_bits, const c10::optional<Tensor>& gate,
-             const c10::optional<Tensor>& residual) {
+using OptionalTensors = c10::List<c10::optional<Tensor>>;
+
+// The layers of one GEMV launch, from lists holding one entry per layer.
+std::vector<QLayer> layers_of(at::TensorList words, at::TensorList scale_min, at::TensorList meta,
+                              const OptionalTensors* xmap, at::IntArrayRef out, const char* op) {
+  const size_t count = words.size();
+  TT_CHECK(count >= 1 && count <= size_t(trimtab_cuda::kMaxGemvLayers), op, "1 to ",
+           trimtab_cuda::kMaxGemvLayers, " layers a launch, got ", count);
+  TT_CHECK(scale_min.size() == count && meta.size() == count && out.size() == count &&
+               (xmap == nullptr || xmap->size() == count),
+           op, "one words, scale_min, meta, xmap and out per layer");
+  std::vector<QLayer> layers;
+  for (size_t i = 0; i < count; ++i)
+    layers.push_back(layer_of(words[i], scale_min[i], meta[i], xmap ? xmap->get(i) : c10::nullopt, out[i], op));
+  return layers;
+}
+
+// x: [batch, in] (rows may be strided, columns contiguous) → for each layer y: [batch, out] in x's
+// dtype: y = residual + bias + u Wᵀ with u = x, or silu(gate)·x where gate is given (gate: x's shape
+// and strides). All layers run as one launch; a residual only for a single layer.
+std::vector<Tensor> qgemv(const Tensor& x, int64_t in_features, at::TensorList words, at::TensorList scale_min,
+                          at::TensorList meta, const OptionalTensors& xmap, const OptionalTensors& bias,
+                          at::IntArrayRef out, Tensor workspace, Tensor counters, int64_t target_blocks,
+                          at::IntArrayRef max_bits, const c10::optional<Tensor>& gate,
+                          const c10::optional<Tensor>& residual) {
   const char* op = "qgemv";
   c10::cuda::CUDAGuard guard(x.device());
-  QLayer L = layer_of(words, scale_min, meta, xmap, out, op);
+  const std::vector<QLayer> layers = layers_of(words, scale_min, meta, &xmap, out, op);
+  const int count = int(layers.size());
+  TT_CHECK(bias.size() == layers.size() && max_bits.size() == layers.size(), op, "one bias and max_bits per layer");
   TT_CHECK(x.is_cuda() && x.dim() == 2 && x.size(1) == in_features && x.stride(1) == 1, op,
            "x must be a CUDA [batch, ", in_features, "] tensor with contiguous rows, got ", x.sizes());
   const int batch = int(x.size(0));
@@ -92,37 +113,42 @@ Tensor qgemv(const Tensor& x, int64_t in_features, const Tensor& words, const Te
   const int code = dtype_code(x, op);
   const int target = int(target_blocks);
   TT_CHECK(target >= 1, op, "target_blocks must be positive, got ", target_blocks);
-  TT_CHECK(max_bits >= 2 && max_bits <= 8, op, "max_bits must be 2-8, got ", max_bits);
-  TT_CHECK(workspace.is_cuda() && workspace.scalar_type() == at::kFloat &&
-               workspace.numel() >= trimtab_cuda::qgemv_workspace_floats(L, batch, target),
-           op, "workspace too small: need ", trimtab_cuda::qgemv_workspace_floats(L, batch, target), " floats");
-  TT_CHECK(counters.is_cuda() && counters.scalar_type() == at::kInt && counters.numel() >= trimtab_cuda::qgemv_counters(L),
-           op, "counters too small: need ", trimtab_cuda::qgemv_counters(L));
-  const float* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    TT_CHECK(bias->is_cuda() && bias->scalar_type() == at::kFloat && bias->numel() == out && bias->is_contiguous(), op,
-             "bias must be a contiguous CUDA float32 [", out, "] tensor");
-    bias_ptr = bias->data_ptr<float>();
-  }
+  const int64_t need = trimtab_cuda::qgemv_workspace_floats(layers.data(), count, batch, target);
+  TT_CHECK(workspace.is_cuda() && workspace.scalar_type() == at::kFloat && workspace.numel() >= need, op,
+           "workspace too small: need ", need, " floats");
+  const int tiles = trimtab_cuda::qgemv_counters(layers.data(), count);
+  TT_CHECK(counters.is_cuda() && counters.scalar_type() == at::kInt && counters.numel() >= tiles, op,
+           "counters too small: need ", tiles);
   if (gate.has_value()) {
     check_rows(*gate, x, batch, in_features, "gate", op);
     TT_CHECK(gate->stride(0) == x.stride(0), op, "gate's rows must be as far apart as x's");
   }
-  Tensor y = at::empty({batch, out}, x.options());
-  if (residual.has_value()) check_rows(*residual, x, batch, out, "residual", op);
+  TT_CHECK(!residual.has_value() || count == 1, op, "a residual is added to a single layer's output only");
+  if (residual.has_value()) check_rows(*residual, x, batch, out[0], "residual", op);
   const Tensor res = residual.has_value() ? residual->contiguous() : Tensor();
-  const trimtab_cuda::GemvIo io{x.data_ptr(), gate.has_value() ? gate->data_ptr() : nullptr, x.stride(0),
-                                y.data_ptr(), residual.has_value() ? res.data_ptr() : nullptr, y.stride(0), bias_ptr};
-  check_cuda(trimtab_cuda::qgemv(L, io, batch, code, workspace.data_ptr<float>(), counters.data_ptr<int32_t>(), target,
-                                 int(max_bits), c10::cuda::getCurrentCUDAStream()),
+  std::vector<Tensor> ys;
+  std::vector<trimtab_cuda::GemvOutput> outs;
+  for (int i = 0; i < count; ++i) {
+    TT_CHECK(max_bits[i] >= 2 && max_bits[i] <= 8, op, "max_bits must be 2-8, got ", max_bits[i]);
+    const c10::optional<Tensor> b = bias.get(i);
+    if (b.has_value())
+      TT_CHECK(b->is_cuda() && b->scalar_type() == at::kFloat && b->numel() == out[i] && b->is_contiguous(), op,
+               "bias must be a contiguous CUDA float32 [", out[i], "] tensor");
+    ys.push_back(at::empty({batch, out[i]}, x.options()));
+    outs.push_back({ys.back().data_ptr(), res.defined() ? res.data_ptr() : nullptr, ys.back().stride(0),
+                    b.has_value() ? b->data_ptr<float>() : nullptr, int(max_bits[i])});
+  }
+  const trimtab_cuda::GemvInput in{x.data_ptr(), gate.has_value() ? gate->data_ptr() : nullptr, x.stride(0)};
+  check_cuda(trimtab_cuda::qgemv(in, layers.data(), outs.data(), count, batch, code, workspace.data_ptr<float>(),
+                                 counters.data_ptr<int32_t>(), target, c10::cuda::getCurrentCUDAStream()),
              op);
-  return y;
+  return ys;
 }
 
-int64_t qgemv_workspace(const Tensor& words, const Tensor& scale_min, const Tensor& meta, int64_t out, int64_t batch,
-                        int64_t target_blocks) {
-  QLayer L = layer_of(words, scale_min, meta, c10::nullopt, out, "qgemv_workspace");
-  return trimtab_cuda::qgemv_workspace_floats(L, int(batch), int(target_blocks));
+int64_t qgemv_workspace(at::TensorList words, at::TensorList scale_min, at::TensorList meta, at::IntArrayRef out,
+                        int64_t batch, int64_t target_blocks) {
+  const std::vector<QLayer> layers = layers_of(words, scale_min, meta, nullptr, out, "qgemv_workspace");
+  return trimtab_cuda::qgemv_workspace_floats(layers.data(), int(layers.size()), int(batch), int(target_blocks));
 }
 
 int64_t multiprocessor_count(const Tensor& on) {
@@ -130,9 +156,9 @@ int64_t multiprocessor_count(const Tensor& on) {
   return multiprocessors();
 }
 
-int64_t qgemv_counters(const Tensor& words, const Tensor& scale_min, const Tensor& meta, int64_t out) {
-  QLayer L = layer_of(words, scale_min, meta, c10::nullopt, out, "qgemv_counters");
-  return trimtab_cuda::qgemv_counters(L);
+int64_t qgemv_counters(at::TensorList words, at::TensorList scale_min, at::TensorList meta, at::IntArrayRef out) {
+  const std::vector<QLayer> layers = layers_of(words, scale_min, meta, nullptr, out, "qgemv_counters");
+  return trimtab_cuda::qgemv_counters(layers.data(), int(layers.size()));
 }
 
 // Columns [col_begin, col_end) of W, transposed and in the original input order, into wt [in, ldw]
@@ -186,6 +212,20 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
   return y;
 }
 
+Tensor silu_mul(const Tensor& gate, const Tensor& up) {
+  const char* op = "silu_mul";
+  c10::cuda::CUDAGuard guard(gate.device());
+  const int code = dtype_code(gate, op);
+  const auto aligned = [](const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  TT_CHECK(gate.is_cuda() && up.device() == gate.device() && up.scalar_type() == gate.scalar_type() &&
+               up.sizes() == gate.sizes() && gate.is_contiguous() && up.is_contiguous() && aligned(gate) && aligned(up),
+           op, "gate and up must be contiguous, 16-byte aligned CUDA tensors of one shape and dtype");
+  Tensor out = at::empty_like(gate);
+  check_cuda(trimtab_cuda::silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), code,
+                                    c10::cuda::getCurrentCUDAStream()), op);
+  return out;
+}
+
 // The layer's cache keys/values: [1, kv_heads, slots, head_dim] with contiguous head_dim.
 void check_cache(const Tensor& t, const Tensor& like, int64_t kv_heads, int64_t head_dim, const char* name,
                  const char* op) {
@@ -205,11 +245,14 @@ Tensor rotary_kv(const Tensor& q, const Tensor& k, const Tensor& v, Tensor keys,
   const char* op = "rotary_kv";
   c10::cuda::CUDAGuard guard(q.device());
   const int code = dtype_code(q, op);
-  TT_CHECK(head_dim > 0 && q.numel() % head_dim == 0 && k.numel() % head_dim == 0 && k.numel() == v.numel() &&
+  const auto tokens_of = [](const Tensor& t) { return t.dim() >= 2 ? t.size(-2) : int64_t(1); };
+  const int64_t tokens = tokens_of(q);
+  TT_CHECK(head_dim > 0 && q.size(-1) % head_dim == 0 && k.size(-1) % head_dim == 0 && k.sizes() == v.sizes() &&
+               tokens_of(k) == tokens && q.numel() == tokens * q.size(-1) && k.numel() == tokens * k.size(-1) &&
                q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && k.scalar_type() == q.scalar_type() &&
                v.scalar_type() == q.scalar_type(),
-           op, "q, k, v must be contiguous single-token projections of whole heads of ", head_dim);
-  const int64_t kv_heads = k.numel() / head_dim;
+           op, "q, k, v must be contiguous projections [..., tokens, heads · ", head_dim, "] of the same tokens");
+  const int64_t kv_heads = k.size(-1) / head_dim, q_heads = q.size(-1) / head_dim;
   check_cache(keys, q, kv_heads, head_dim, "keys", op);
   check_cache(values, q, kv_heads, head_dim, "values", op);
   TT_CHECK(keys.strides() == values.strides(), op, "keys and values must share strides");
@@ -217,11 +260,11 @@ Tensor rotary_kv(const Tensor& q, const Tensor& k, const Tensor& v, Tensor keys,
   TT_CHECK(rotary_dim > 0 && rotary_dim <= head_dim && rotary_dim % 2 == 0 && inv_freq.is_cuda() &&
                inv_freq.scalar_type() == at::kFloat && inv_freq.numel() == rotary_dim / 2 && inv_freq.is_contiguous(),
            op, "inv_freq must be float32 [rotary_dim / 2] with an even rotary_dim <= head_dim");
-  Tensor q_out = at::empty_like(q);
+  Tensor q_out = at::empty({q_heads, tokens, head_dim}, q.options());
   trimtab_cuda::RotaryKvArgs a{q.data_ptr(), k.data_ptr(), v.data_ptr(), q_out.data_ptr(), keys.data_ptr(),
                                values.data_ptr(), position.data_ptr<int64_t>(), inv_freq.data_ptr<float>(),
-                               float(scaling), int(q.numel() / head_dim), int(kv_heads), int(head_dim),
-                               int(rotary_dim), keys.stride(1), keys.stride(2)};
+                               float(scaling), int(tokens), int(q_heads), int(kv_heads), int(head_dim),
+                               int(rotary_dim), keys.stride(1), keys.stride(2), keys.size(2)};
   check_cuda(trimtab_cuda::rotary_kv(a, code, c10::cuda::getCurrentCUDAStream()), op);
   return q_out;
 }
@@ -270,17 +313,18 @@ bool attention_supported(int64_t head_dim, int64_t group) {
 }  // namespace
 
 TORCH_LIBRARY(trimtab_cuda, m) {
-  m.def("qgemv(Tensor x, int in_features, Tensor words, Tensor scale_min, Tensor meta, Tensor? xmap, Tensor? bias, "
-        "int out, Tensor(a!) workspace, Tensor(b!) counters, int target_blocks, int max_bits, Tensor? gate=None, "
-        "Tensor? residual=None) -> Tensor", &qgemv);
-  m.def("qgemv_workspace(Tensor words, Tensor scale_min, Tensor meta, int out, int batch, int target_blocks) -> int",
-        &qgemv_workspace);
+  m.def("qgemv(Tensor x, int in_features, Tensor[] words, Tensor[] scale_min, Tensor[] meta, Tensor?[] xmap, "
+        "Tensor?[] bias, int[] out, Tensor(a!) workspace, Tensor(b!) counters, int target_blocks, int[] max_bits, "
+        "Tensor? gate=None, Tensor? residual=None) -> Tensor[]", &qgemv);
+  m.def("qgemv_workspace(Tensor[] words, Tensor[] scale_min, Tensor[] meta, int[] out, int batch, "
+        "int target_blocks) -> int", &qgemv_workspace);
   m.def("multiprocessor_count(Tensor on) -> int", &multiprocessor_count);
-  m.def("qgemv_counters(Tensor words, Tensor scale_min, Tensor meta, int out) -> int", &qgemv_counters);
+  m.def("qgemv_counters(Tensor[] words, Tensor[] scale_min, Tensor[] meta, int[] out) -> int", &qgemv_counters);
   m.def("qdequantize_t(Tensor(a!) wt, Tensor words, Tensor scale_min, Tensor meta, Tensor? xmap, int out, "
         "int col_begin, int col_end) -> ()", &qdequantize_t);
   m.def("qrepack(Tensor qweight, Tensor repack, Tensor meta, int word_rows) -> Tensor", &qrepack);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
+  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor", &silu_mul);
   m.def("rotary_kv(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor position, "
         "Tensor inv_freq, float scaling, int head_dim, int rotary_dim) -> Tensor", &rotary_kv);
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor position, Tensor first_slot, "

@@ -1,4 +1,4 @@
-// Host entry points of the decode-step kernels (decode_kernels.cu): raw pointers, no ATen;
+// Host entry points of the decode-step and prefill kernels (decode_kernels.cu): raw pointers, no ATen;
 // bindings.cpp checks tensors and calls these. dtype: 0 = float16, 1 = bfloat16, 2 = float32.
 #pragma once
 
@@ -11,21 +11,26 @@ namespace trimtab_cuda {
 cudaError_t rms_norm(const void* x, const void* weight, void* y, int rows, int dim, float eps, int dtype,
                      cudaStream_t stream);
 
+// out[i] = silu(gate[i]) · up[i] for n contiguous elements (16-byte aligned), rounded as torch's two ops.
+cudaError_t silu_mul(const void* gate, const void* up, void* out, int64_t n, int dtype, cudaStream_t stream);
+
 struct RotaryKvArgs {
-  const void* q;           // [q_heads, head_dim] this step's query (batch 1, one token)
-  const void* k;           // [kv_heads, head_dim]
-  const void* v;           // [kv_heads, head_dim]
-  void* q_out;             // [q_heads, head_dim] rotated query
+  const void* q;           // [tokens, q_heads, head_dim] the query (batch 1; decode: one token)
+  const void* k;           // [tokens, kv_heads, head_dim]
+  const void* v;           // [tokens, kv_heads, head_dim]
+  void* q_out;             // [q_heads, tokens, head_dim] rotated query, heads first (as attention takes it)
   void* keys;              // the layer's cache: head h, slot s at h·head_stride + s·slot_stride
   void* values;
-  const int64_t* position; // device: the step's position, which is also its cache slot
+  const int64_t* position; // device: the first token's position, which is also its cache slot
   const float* inv_freq;   // [rotary_dim / 2]
   float scaling;           // the rotary's attention scaling (1 for plain RoPE)
-  int q_heads, kv_heads, head_dim, rotary_dim;
+  int tokens, q_heads, kv_heads, head_dim, rotary_dim;
   int64_t head_stride, slot_stride;
+  int64_t slots;           // the cache's slots: positions past it are not written
 };
 
-// q_out = rotary(q); keys[slot] = rotary(k); values[slot] = v (HF's non-interleaved rotary).
+// Token t at position p = position + t: q_out = rotary(q, p); keys[p] = rotary(k, p); values[p] = v
+// (HF's non-interleaved rotary, each product rounded to the activations' dtype as HF rounds it).
 cudaError_t rotary_kv(const RotaryKvArgs& a, int dtype, cudaStream_t stream);
 
 struct AttentionArgs {

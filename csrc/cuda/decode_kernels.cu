@@ -1,12 +1,15 @@
-// The non-matrix kernels of one batch-1 decode step (backend/cuda_decode.py), each replacing a
-// dozen small PyTorch ops that a CUDA graph would still launch one by one:
+// The non-matrix kernels of a batch-1 decode step and of chunked prefill (backend/cuda_decode.py),
+// each replacing several PyTorch ops (a dozen, in a decode step's CUDA graph):
 //   rms_norm         y = weight · round(x / rms(x))                     (HF: statistics in float32)
-//   rotary_kv        q, k ← rotary(q, k) at the step's position; k, v written into the cache slot
+//   rotary_kv        q, k ← rotary(q, k) at the tokens' positions; k, v written into their cache slots
+//   silu_mul         silu(gate)·up (prefill; a decode step does it inside the down GEMV)
 //   decode_attention softmax(q Kᵀ / √d) V over the cache's valid slots, split over the slots
 //                    (flash-decoding): each block a range of slots, then a kernel merging the splits
 // Device-side positions (read from memory, not kernel arguments), so one captured graph serves
 // every step.
 #include <float.h>
+
+#include <algorithm>
 
 #include "decode_cuda.h"
 #include "dependent_launch.cuh"
@@ -33,11 +36,12 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // ---- RMSNorm: one block per row -------------------------------------------------------------------
+// A single row (decode) gets 1024 threads, the shortest wait; many rows (prefill) 256 a row, so that
+// all of a 1k-token chunk's rows are resident at once.
 
-constexpr int kNormThreads = 1024;
-constexpr int kNormPerThread = 16;  // rows up to 16384 wide keep x in registers between the passes
+constexpr int kNormPerThread = 16;  // rows up to 16 · threads wide keep x in registers between the passes
 
-template <typename T>
+template <typename T, int kNormThreads>
 __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const T* x, const T* weight, T* y, int dim, float eps) {
   allow_next_kernel();  // the GEMV after this may start streaming its weights
   __shared__ float partial[kNormThreads / 32];
@@ -61,7 +65,7 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const T* x, cons
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
   __syncthreads();
   if (threadIdx.x < 32) {
-    sum = warp_sum(partial[threadIdx.x]);
+    sum = warp_sum(threadIdx.x < kNormThreads / 32 ? partial[threadIdx.x] : 0.0f);
     if (threadIdx.x == 0) partial[0] = rsqrtf(sum / float(dim) + eps);
   }
   __syncthreads();
@@ -75,36 +79,75 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const T* x, cons
     out[i] = Io<T>::store(Io<T>::load(weight[i]) * round_trip<T>(Io<T>::load(row[i]) * inv));
 }
 
-// ---- rotary + KV cache write: one block per head (query heads, then key heads) --------------------
+// ---- rotary + KV cache write: one block per (8 heads, token), query heads then key heads ----------
+// A thread's cos and sin (accurate sincosf, rounded as HF rounds them) serve its dim of all the
+// block's heads; the heads' loads all go out before any store (one memory latency, not eight).
+
+constexpr int kRotaryHeads = 8;
 
 template <typename T>
 __global__ void rotary_kv_kernel(RotaryKvArgs a) {
-  const int64_t position = *a.position;
-  const int head = blockIdx.x;
-  const bool is_query = head < a.q_heads;
-  const int h = is_query ? head : head - a.q_heads;
-  const T* src = static_cast<const T*>(is_query ? a.q : a.k) + size_t(h) * a.head_dim;
-  T* dst = is_query ? static_cast<T*>(a.q_out) + size_t(h) * a.head_dim
-                    : static_cast<T*>(a.keys) + size_t(h) * a.head_stride + size_t(position) * a.slot_stride;
+  const int token = blockIdx.y;
+  const int64_t position = *a.position + token;
   const int half_dim = a.rotary_dim / 2;
+  const int first_head = blockIdx.x * kRotaryHeads;
+  const int heads = min(kRotaryHeads, a.q_heads + a.kv_heads - first_head);
+  const bool in_cache = position < a.slots;  // a key or value past the cache is not written
   for (int i = threadIdx.x; i < a.head_dim; i += blockDim.x) {
-    const float v = Io<T>::load(src[i]);
-    float out = v;
-    if (i < a.rotary_dim) {  // HF rotate_half: x·cos + (-x2, x1)·sin, cos and sin rounded to T
-      const int j = i % half_dim;
-      float s, c;
-      sincosf(float(position) * a.inv_freq[j], &s, &c);
-      const float cos_t = round_trip<T>(c * a.scaling), sin_t = round_trip<T>(s * a.scaling);
-      const float other = Io<T>::load(src[i < half_dim ? i + half_dim : i - half_dim]);
-      out = round_trip<T>(round_trip<T>(v * cos_t) + round_trip<T>((i < half_dim ? -other : other) * sin_t));
+    const int partner = i < half_dim ? i + half_dim : i - half_dim;
+    float x[kRotaryHeads], other[kRotaryHeads], value[kRotaryHeads];
+#pragma unroll
+    for (int k = 0; k < kRotaryHeads; ++k) {
+      const int head = first_head + k;
+      const bool is_query = head < a.q_heads;
+      const int h = is_query ? head : head - a.q_heads;
+      const size_t row = size_t(token) * (is_query ? a.q_heads : a.kv_heads) + h;  // of the projection's output
+      const T* src = static_cast<const T*>(is_query ? a.q : a.k) + row * a.head_dim;
+      x[k] = k < heads ? Io<T>::load(src[i]) : 0.0f;
+      other[k] = k < heads && i < a.rotary_dim ? Io<T>::load(src[partner]) : 0.0f;
+      value[k] = k < heads && !is_query ? Io<T>::load(static_cast<const T*>(a.v)[row * a.head_dim + i]) : 0.0f;
     }
-    dst[i] = Io<T>::store(out);
+    float cos_t = 1.0f, sin_t = 0.0f;
+    if (i < a.rotary_dim) {  // HF rotate_half: x·cos + (-x2, x1)·sin, cos and sin rounded to T
+      float s, c;
+      sincosf(float(position) * a.inv_freq[i % half_dim], &s, &c);
+      cos_t = round_trip<T>(c * a.scaling);
+      sin_t = round_trip<T>(s * a.scaling) * (i < half_dim ? -1.0f : 1.0f);
+    }
+#pragma unroll
+    for (int k = 0; k < kRotaryHeads; ++k) {
+      const int head = first_head + k;
+      if (k >= heads || (head >= a.q_heads && !in_cache)) break;
+      const float out = i < a.rotary_dim ? round_trip<T>(round_trip<T>(x[k] * cos_t) + round_trip<T>(other[k] * sin_t))
+                                         : x[k];
+      if (head < a.q_heads) {
+        static_cast<T*>(a.q_out)[(size_t(head) * a.tokens + token) * a.head_dim + i] = Io<T>::store(out);
+      } else {
+        const size_t slot = size_t(head - a.q_heads) * a.head_stride + size_t(position) * a.slot_stride + i;
+        static_cast<T*>(a.keys)[slot] = Io<T>::store(out);
+        static_cast<T*>(a.values)[slot] = Io<T>::store(value[k]);  // the value, unrotated
+      }
+    }
   }
-  if (!is_query) {  // the value row of this key head, unrotated
-    const T* v = static_cast<const T*>(a.v) + size_t(h) * a.head_dim;
-    T* vdst = static_cast<T*>(a.values) + size_t(h) * a.head_stride + size_t(position) * a.slot_stride;
-    for (int i = threadIdx.x; i < a.head_dim; i += blockDim.x) vdst[i] = v[i];
+}
+
+// ---- silu(gate)·up (prefill; decode does it inside the down GEMV) ---------------------------------
+
+template <typename T>
+__global__ void silu_mul_kernel(const T* gate, const T* up, T* out, int64_t n) {
+  constexpr int E = 16 / sizeof(T);  // 16-byte pieces, then the tail one by one
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x, first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int64_t i = first; i < n / E; i += stride) {
+    const uint4 g = reinterpret_cast<const uint4*>(gate)[i], u = reinterpret_cast<const uint4*>(up)[i];
+    uint4 o;
+    const T *ge = reinterpret_cast<const T*>(&g), *ue = reinterpret_cast<const T*>(&u);
+    T* oe = reinterpret_cast<T*>(&o);
+#pragma unroll
+    for (int e = 0; e < E; ++e) oe[e] = Io<T>::store(silu_times<T>(Io<T>::load(ge[e]), Io<T>::load(ue[e])));
+    reinterpret_cast<uint4*>(out)[i] = o;
   }
+  for (int64_t i = n / E * E + first; i < n; i += stride)
+    out[i] = Io<T>::store(silu_times<T>(Io<T>::load(gate[i]), Io<T>::load(up[i])));
 }
 
 // ---- decode attention ---------------------------------------------------------------------------
@@ -294,6 +337,15 @@ cudaError_t launch_attention(const AttentionArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+template <typename T>
+void launch_rms_norm(const void* x, const void* weight, void* y, int rows, int dim, float eps, cudaStream_t stream) {
+  const T* in = static_cast<const T*>(x);
+  const T* w = static_cast<const T*>(weight);
+  T* out = static_cast<T*>(y);
+  if (rows == 1) rms_norm_kernel<T, 1024><<<rows, 1024, 0, stream>>>(in, w, out, dim, eps);
+  else rms_norm_kernel<T, 256><<<rows, 256, 0, stream>>>(in, w, out, dim, eps);
+}
+
 }  // namespace
 
 int attention_splits(int max_slots) { return (max_slots + kSlots - 1) / kSlots; }
@@ -307,19 +359,30 @@ bool attention_supported(int head_dim, int group) {
 cudaError_t rms_norm(const void* x, const void* weight, void* y, int rows, int dim, float eps, int dtype,
                      cudaStream_t stream) {
   switch (dtype) {
-    case 0: rms_norm_kernel<half><<<rows, kNormThreads, 0, stream>>>(static_cast<const half*>(x),
-              static_cast<const half*>(weight), static_cast<half*>(y), dim, eps); break;
-    case 1: rms_norm_kernel<__nv_bfloat16><<<rows, kNormThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(x),
-              static_cast<const __nv_bfloat16*>(weight), static_cast<__nv_bfloat16*>(y), dim, eps); break;
-    default: rms_norm_kernel<float><<<rows, kNormThreads, 0, stream>>>(static_cast<const float*>(x),
-               static_cast<const float*>(weight), static_cast<float*>(y), dim, eps); break;
+    case 0: launch_rms_norm<half>(x, weight, y, rows, dim, eps, stream); break;
+    case 1: launch_rms_norm<__nv_bfloat16>(x, weight, y, rows, dim, eps, stream); break;
+    default: launch_rms_norm<float>(x, weight, y, rows, dim, eps, stream); break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t silu_mul(const void* gate, const void* up, void* out, int64_t n, int dtype, cudaStream_t stream) {
+  const int threads = 256;
+  const int blocks = int(std::min<int64_t>(4096, std::max<int64_t>(1, (n / 8 + threads - 1) / threads)));
+  switch (dtype) {
+    case 0: silu_mul_kernel<half><<<blocks, threads, 0, stream>>>(static_cast<const half*>(gate),
+              static_cast<const half*>(up), static_cast<half*>(out), n); break;
+    case 1: silu_mul_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(static_cast<const __nv_bfloat16*>(gate),
+              static_cast<const __nv_bfloat16*>(up), static_cast<__nv_bfloat16*>(out), n); break;
+    default: silu_mul_kernel<float><<<blocks, threads, 0, stream>>>(static_cast<const float*>(gate),
+               static_cast<const float*>(up), static_cast<float*>(out), n); break;
   }
   return cudaGetLastError();
 }
 
 cudaError_t rotary_kv(const RotaryKvArgs& a, int dtype, cudaStream_t stream) {
   const int threads = a.head_dim <= 64 ? 64 : a.head_dim <= 128 ? 128 : 256;
-  const int blocks = a.q_heads + a.kv_heads;
+  const dim3 blocks((a.q_heads + a.kv_heads + kRotaryHeads - 1) / kRotaryHeads, a.tokens);
   switch (dtype) {
     case 0: rotary_kv_kernel<half><<<blocks, threads, 0, stream>>>(a); break;
     case 1: rotary_kv_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(a); break;

@@ -7,7 +7,8 @@
 // words and scales into its own shared-memory ring with cp.async, several chunks ahead of the one
 // it computes (the thread that copies 16 bytes is the one that reads them: no barrier). A tile a
 // block holds whole is written directly; a tile shared between blocks is summed by the last of them
-// to finish, from per-block partial sums, in block order (deterministic).
+// to finish, from per-block partial sums, in block order (deterministic). Several layers reading the
+// same x (q, k, v; gate, up) run as one launch: consecutive ranges of blocks, one range per layer.
 #include <algorithm>
 
 #include "dependent_launch.cuh"
@@ -24,7 +25,7 @@ constexpr int kStageBytesPerChunkRow = kChunkRows * 2 + 2 * 4;  // 32 halves + s
 constexpr int kMinStages = 2, kMaxStages = 4;  // chunks a warp has in its ring
 constexpr int kPartialSlots = 2;               // a block shares at most its first and last tile
 
-struct GemvArgs {
+struct GemvArgs {  // one layer's share of a launch
   QLayer layer;
   const void* x;
   const void* gate;      // nullptr, or [batch, in] rows ldx apart: the input is silu(gate)·x
@@ -33,12 +34,18 @@ struct GemvArgs {
   int64_t ldy;
   const void* residual;  // nullptr, or [batch, out] rows ldy apart, added to the output
   const float* bias;
-  float* workspace;      // [grid, kPartialSlots, batch, 128] partial sums of shared tiles
+  float* workspace;      // [blocks, kPartialSlots, batch, 128] partial sums of shared tiles
   int* counters;         // [tiles] blocks done with a shared tile (reset by the last)
   int items_per_block;   // (tile, chunk) items; the last block may have fewer
   int x_slots;           // chunks of x a block stages: min(items_per_block, chunks)
   int stages;            // ring depth, kMinStages..kMaxStages
   int max_bits;          // the layer's widest chunk: a ring slot holds max_bits word rows + scales
+};
+
+struct GemvGroup {  // a launch: layer i takes blocks [first_block[i], first_block[i + 1])
+  GemvArgs layers[kMaxGemvLayers];
+  int first_block[kMaxGemvLayers + 1];
+  int count;
 };
 
 __host__ __device__ constexpr int align16(int bytes) { return (bytes + 15) / 16 * 16; }
@@ -84,12 +91,12 @@ __device__ __forceinline__ void load_chunk_x(const GemvArgs& a, int chunk, float
   const T* x = static_cast<const T*>(a.x);
 #pragma unroll
   for (int b = 0; b < NB; ++b) v[b] = src >= 0 ? Io<T>::load(x[b * a.ldx + src]) : 0.0f;
-  if (a.gate != nullptr) {  // the gated MLP's silu(gate)·up, rounded as the unfused ops round it
+  if (a.gate != nullptr) {  // the gated MLP's silu(gate)·up
     const T* gate = static_cast<const T*>(a.gate);
 #pragma unroll
     for (int b = 0; b < NB; ++b) {
       const float g = src >= 0 ? Io<T>::load(gate[b * a.ldx + src]) : 0.0f;
-      v[b] = Io<T>::load(Io<T>::store(Io<T>::load(Io<T>::store(g / (1.0f + __expf(-g)))) * v[b]));
+      v[b] = silu_times<T>(g, v[b]);
     }
   }
 }
@@ -229,10 +236,11 @@ struct ItemCursor {
 };
 
 struct Block {
+  int index;        // among the layer's blocks
   int begin, end;   // items
   int first_tile, last_tile;
   int first_chunk;  // x slot 0 holds this chunk
-  __device__ Block(const GemvArgs& a, int index) {
+  __device__ Block(const GemvArgs& a, int index_) : index(index_) {
     const int chunks = a.layer.chunks;
     begin = index * a.items_per_block;
     end = min(begin + a.items_per_block, tiles_of(a.layer) * chunks);
@@ -289,7 +297,7 @@ __device__ void finish_tile(const GemvArgs& a, const Block& blk, int tile, const
     if (whole) {
       if (col < L.out) y[b * a.ldy + col] = Io<T>::store(s + epilogue_addend<T>(a, b, col));
     } else {
-      a.workspace[((size_t(blockIdx.x) * kPartialSlots + part) * NB + b) * kWarpCols + c] = s;
+      a.workspace[((size_t(blk.index) * kPartialSlots + part) * NB + b) * kWarpCols + c] = s;
     }
   }
   if (!whole) __threadfence();  // the partial sums are visible before the count says so
@@ -315,11 +323,14 @@ __device__ void finish_tile(const GemvArgs& a, const Block& blk, int tile, const
 }
 
 template <typename T, int NB>
-__global__ void __launch_bounds__(kThreads, NB > 2 ? 1 : 4) qgemv_kernel(GemvArgs a) {
+__global__ void __launch_bounds__(kThreads, NB > 2 ? 1 : 4) qgemv_kernel(const __grid_constant__ GemvGroup group) {
   extern __shared__ __align__(16) unsigned char smem[];
+  int layer = 0;
+  while (layer + 1 < group.count && int(blockIdx.x) >= group.first_block[layer + 1]) ++layer;
+  const GemvArgs& a = group.layers[layer];
   const QLayer& L = a.layer;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, chunks = L.chunks;
-  const Block blk(a, blockIdx.x);
+  const Block blk(a, blockIdx.x - group.first_block[layer]);
   if (blk.begin >= blk.end) return;
   const SharedLayout at(NB, a.x_slots, a.stages, a.max_bits);
   int4* meta = reinterpret_cast<int4*>(smem + at.meta);
@@ -423,7 +434,7 @@ void fit_device(GemvPlan& p, int batch, int target_blocks, int max_bits, const D
 }
 
 template <typename T, int NB>
-cudaError_t launch_gemv(const GemvArgs& a, const GemvPlan& p, cudaStream_t stream) {
+cudaError_t launch_gemv(const GemvGroup& g, const GemvPlan& p, cudaStream_t stream) {
   if (p.shared > 48 * 1024) {
     const cudaError_t err =
         cudaFuncSetAttribute(qgemv_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(p.shared));
@@ -441,44 +452,82 @@ cudaError_t launch_gemv(const GemvArgs& a, const GemvPlan& p, cudaStream_t strea
     config.attrs = overlap;
     config.numAttrs = 1;
   }
-  return cudaLaunchKernelEx(&config, qgemv_kernel<T, NB>, a);
+  return cudaLaunchKernelEx(&config, qgemv_kernel<T, NB>, g);
 }
 
 template <typename T>
-cudaError_t launch_gemv_batch(const GemvArgs& a, const GemvPlan& p, int batch, cudaStream_t stream) {
+cudaError_t launch_gemv_batch(const GemvGroup& g, const GemvPlan& p, int batch, cudaStream_t stream) {
   switch (batch) {
-    case 1: return launch_gemv<T, 1>(a, p, stream);
-    case 2: return launch_gemv<T, 2>(a, p, stream);
-    case 3: return launch_gemv<T, 3>(a, p, stream);
-    case 4: return launch_gemv<T, 4>(a, p, stream);
-    case 5: return launch_gemv<T, 5>(a, p, stream);
-    case 6: return launch_gemv<T, 6>(a, p, stream);
-    case 7: return launch_gemv<T, 7>(a, p, stream);
-    case 8: return launch_gemv<T, 8>(a, p, stream);
+    case 1: return launch_gemv<T, 1>(g, p, stream);
+    case 2: return launch_gemv<T, 2>(g, p, stream);
+    case 3: return launch_gemv<T, 3>(g, p, stream);
+    case 4: return launch_gemv<T, 4>(g, p, stream);
+    case 5: return launch_gemv<T, 5>(g, p, stream);
+    case 6: return launch_gemv<T, 6>(g, p, stream);
+    case 7: return launch_gemv<T, 7>(g, p, stream);
+    case 8: return launch_gemv<T, 8>(g, p, stream);
     default: return cudaErrorInvalidValue;
+  }
+}
+
+int64_t items_of(const QLayer& L) { return int64_t(tiles_of(L)) * L.chunks; }
+
+// Each layer's plan, its blocks a share of `target_blocks` by its items (one block at least).
+void plan_layers(const QLayer* layers, int count, int batch, int target_blocks, GemvPlan* plans) {
+  int64_t total = 0;
+  for (int i = 0; i < count; ++i) total += items_of(layers[i]);
+  for (int i = 0; i < count; ++i) {
+    const int share = int(std::max<int64_t>(1, (target_blocks * items_of(layers[i]) + total / 2) / total));
+    plans[i] = plan_gemv(layers[i], batch, share);
   }
 }
 
 }  // namespace
 
-int64_t qgemv_workspace_floats(const QLayer& layer, int batch, int target_blocks) {
-  return int64_t(plan_gemv(layer, batch, target_blocks).grid) * kPartialSlots * batch * kWarpCols;
+int64_t qgemv_workspace_floats(const QLayer* layers, int count, int batch, int target_blocks) {
+  GemvPlan plans[kMaxGemvLayers];
+  plan_layers(layers, count, batch, target_blocks, plans);
+  int64_t blocks = 0;
+  for (int i = 0; i < count; ++i) blocks += plans[i].grid;
+  return blocks * kPartialSlots * batch * kWarpCols;
 }
 
-int qgemv_counters(const QLayer& layer) { return tiles_of(layer); }
+int qgemv_counters(const QLayer* layers, int count) {
+  int tiles = 0;
+  for (int i = 0; i < count; ++i) tiles += tiles_of(layers[i]);
+  return tiles;
+}
 
-cudaError_t qgemv(const QLayer& layer, const GemvIo& io, int batch, int dtype, float* workspace, int* counters,
-                  int target_blocks, int max_bits, cudaStream_t stream) {
-  if (batch < 1 || batch > kMaxBatchRows || layer.chunks < 1 || max_bits < 2 || max_bits > 8)
-    return cudaErrorInvalidValue;
-  GemvPlan p = plan_gemv(layer, batch, target_blocks);
-  fit_device(p, batch, target_blocks, max_bits, current_device());
-  const GemvArgs a{layer,     io.x,     io.gate,           io.ldx,    io.y,     io.ldy,  io.residual,
-                   io.bias,   workspace, counters,         p.items_per_block, p.x_slots, p.stages, max_bits};
+cudaError_t qgemv(const GemvInput& in, const QLayer* layers, const GemvOutput* outs, int count, int batch, int dtype,
+                  float* workspace, int* counters, int target_blocks, cudaStream_t stream) {
+  if (batch < 1 || batch > kMaxBatchRows || count < 1 || count > kMaxGemvLayers) return cudaErrorInvalidValue;
+  GemvPlan plans[kMaxGemvLayers];
+  plan_layers(layers, count, batch, target_blocks, plans);
+  const DeviceInfo device = current_device();
+  GemvGroup g{};
+  GemvPlan launch{0, 0, 0, 0, 0, false};
+  for (int i = 0; i < count; ++i) {
+    const QLayer& L = layers[i];
+    const GemvOutput& o = outs[i];
+    if (L.chunks < 1 || o.max_bits < 2 || o.max_bits > 8) return cudaErrorInvalidValue;
+    GemvPlan& p = plans[i];
+    fit_device(p, batch, target_blocks, o.max_bits, device);
+    g.layers[i] = GemvArgs{L,        in.x,      in.gate,  in.ldx,            o.y,          o.ldy,
+                           o.residual, o.bias,  workspace, counters,         p.items_per_block, p.x_slots,
+                           p.stages, o.max_bits};
+    g.first_block[i] = launch.grid;
+    workspace += int64_t(p.grid) * kPartialSlots * batch * kWarpCols;
+    counters += tiles_of(L);
+    launch.grid += p.grid;
+    launch.shared = std::max(launch.shared, p.shared);
+    launch.dependent = p.dependent;
+  }
+  g.first_block[count] = launch.grid;
+  g.count = count;
   switch (dtype) {
-    case 0: return launch_gemv_batch<half>(a, p, batch, stream);
-    case 1: return launch_gemv_batch<__nv_bfloat16>(a, p, batch, stream);
-    default: return launch_gemv_batch<float>(a, p, batch, stream);
+    case 0: return launch_gemv_batch<half>(g, launch, batch, stream);
+    case 1: return launch_gemv_batch<__nv_bfloat16>(g, launch, batch, stream);
+    default: return launch_gemv_batch<float>(g, launch, batch, stream);
   }
 }
 

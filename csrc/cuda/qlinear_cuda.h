@@ -23,26 +23,32 @@ struct QLayer {
 };
 
 // The GEMV's grid: about `target_blocks` blocks, each an equal run of (column tile, chunk) items
-// (qgemv.cu). Its workspace (partial sums of the column tiles blocks share) and tile counters:
-int64_t qgemv_workspace_floats(const QLayer& layer, int batch, int target_blocks);
-int qgemv_counters(const QLayer& layer);
+// (qgemv.cu). Several layers on one input run as one launch, the blocks shared out by the layers'
+// sizes (kMaxGemvLayers at most). Their workspace (partial sums of the column tiles blocks share)
+// and tile counters:
+constexpr int kMaxGemvLayers = 4;
+int64_t qgemv_workspace_floats(const QLayer* layers, int count, int batch, int target_blocks);
+int qgemv_counters(const QLayer* layers, int count);
 
-// The GEMV's operands, rows of the activations' dtype:
+// The GEMV's operands, rows of the activations' dtype: for each layer,
 //   y[b, :out] = residual[b] + bias + u[b] Wᵀ,  u = x, or silu(gate) · x where gate is given.
-struct GemvIo {
+struct GemvInput {
   const void* x;         // [batch, in], rows ldx apart
   const void* gate;      // nullptr or [batch, in], rows ldx apart
   int64_t ldx;
+};
+struct GemvOutput {
   void* y;               // [batch, out], rows ldy apart
   const void* residual;  // nullptr or [batch, out], rows ldy apart
   int64_t ldy;
   const float* bias;     // nullptr or [out]
+  int max_bits;          // the layer's widest chunk (2-8; wider chunks would be cut to it)
 };
 
-// For 1 <= batch <= 8. workspace: qgemv_workspace_floats floats; counters: qgemv_counters ints, zero
-// (left zero). max_bits: the layer's widest chunk (2-8; wider chunks would be cut to it).
-cudaError_t qgemv(const QLayer& layer, const GemvIo& io, int batch, int dtype, float* workspace, int* counters,
-                  int target_blocks, int max_bits, cudaStream_t stream);
+// For 1 <= batch <= 8 and 1 <= count <= kMaxGemvLayers layers of the same input size.
+// workspace: qgemv_workspace_floats floats; counters: qgemv_counters ints, zero (left zero).
+cudaError_t qgemv(const GemvInput& in, const QLayer* layers, const GemvOutput* outs, int count, int batch, int dtype,
+                  float* workspace, int* counters, int target_blocks, cudaStream_t stream);
 
 // Wt[r, c - col_begin] = W[c, r] for columns [col_begin, col_end) (multiples of 4 except col_end
 // may be out), rows in the original input order: Wt is [in, ldw], activations' dtype.

@@ -13,7 +13,24 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 
-template <typename T, int BITS>
+__device__ __forceinline__ uint32_t bits16(half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ uint32_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+
+// Rows t and t + 16 of 4 columns each in two neighbouring lanes (columns 8i..8i+3 and 8i+4..8i+7),
+// as 4 two-byte values in a uint2 each: stored as 16 bytes a lane, the even lane writing row t's 8
+// columns, the odd lane row t + 16's (half the store instructions of 8-byte stores). A null row is
+// not written (padding).
+template <typename T>
+__device__ __forceinline__ void store_pair_wide(uint2 lo, uint2 hi, T* row_lo, T* row_hi, int col) {
+  const bool odd = threadIdx.x & 1;
+  const uint2 own = odd ? hi : lo, send = odd ? lo : hi;
+  const uint2 got = make_uint2(__shfl_xor_sync(0xffffffffu, send.x, 1), __shfl_xor_sync(0xffffffffu, send.y, 1));
+  const uint4 piece = odd ? make_uint4(got.x, got.y, own.x, own.y) : make_uint4(own.x, own.y, got.x, got.y);
+  T* row = odd ? row_hi : row_lo;
+  if (row != nullptr) *reinterpret_cast<uint4*>(row + (col & ~7)) = piece;
+}
+
+template <typename T, int BITS, bool WIDE>
 __device__ __forceinline__ void dequant_chunk(const QLayer& L, int4 m, int chunk, int col, int ncols, T* wt,
                                               int64_t ldw) {
   const int col4 = col / 4;
@@ -41,21 +58,35 @@ __device__ __forceinline__ void dequant_chunk(const QLayer& L, int4 m, int chunk
     float2 q[4];
 #pragma unroll
     for (int c = 0; c < 4; ++c) q[c] = __half22float2(centred_pair<BITS, t>(w[c]));
+    if constexpr (WIDE) {
+      uint32_t lo[4], hi[4];  // the 4 columns' two-byte values of rows t and t + 16
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = chunk * kChunkRows + t + 16 * h;
-      const int dst = L.xmap ? __ldg(L.xmap + row) : row;
-      if (dst < 0) continue;
-      T v[4];
+      for (int c = 0; c < 4; ++c) {
+        lo[c] = bits16(Io<T>::store(fmaf(q[c].x + centre, scale[c], mn[c])));
+        hi[c] = bits16(Io<T>::store(fmaf(q[c].y + centre, scale[c], mn[c])));
+      }
+      const int row = chunk * kChunkRows + t;
+      const int dst_lo = L.xmap ? __ldg(L.xmap + row) : row, dst_hi = L.xmap ? __ldg(L.xmap + row + 16) : row + 16;
+      store_pair_wide(make_uint2(lo[0] | lo[1] << 16, lo[2] | lo[3] << 16),
+                      make_uint2(hi[0] | hi[1] << 16, hi[2] | hi[3] << 16),
+                      dst_lo < 0 ? nullptr : wt + dst_lo * ldw, dst_hi < 0 ? nullptr : wt + dst_hi * ldw, col);
+    } else {
 #pragma unroll
-      for (int c = 0; c < 4; ++c) v[c] = Io<T>::store(fmaf((h ? q[c].y : q[c].x) + centre, scale[c], mn[c]));
-      T* out = wt + dst * ldw + col;
-      if (ncols >= 4 && sizeof(T) == 2) {
-        *reinterpret_cast<uint2*>(out) = *reinterpret_cast<const uint2*>(v);
-      } else if (ncols >= 4) {
-        *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(v);
-      } else {
-        for (int c = 0; c < ncols; ++c) out[c] = v[c];
+      for (int h = 0; h < 2; ++h) {
+        const int row = chunk * kChunkRows + t + 16 * h;
+        const int dst = L.xmap ? __ldg(L.xmap + row) : row;
+        if (dst < 0) continue;
+        T v[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) v[c] = Io<T>::store(fmaf((h ? q[c].y : q[c].x) + centre, scale[c], mn[c]));
+        T* out = wt + dst * ldw + col;
+        if (ncols >= 4 && sizeof(T) == 2) {
+          *reinterpret_cast<uint2*>(out) = *reinterpret_cast<const uint2*>(v);
+        } else if (ncols >= 4) {
+          *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(v);
+        } else {
+          for (int c = 0; c < ncols; ++c) out[c] = v[c];
+        }
       }
     }
   });
@@ -71,7 +102,18 @@ __global__ void __launch_bounds__(kThreads) qdequantize_kernel(QLayer L, int col
   const int4 m = __ldg(reinterpret_cast<const int4*>(L.meta) + chunk);
   T* out = wt - col_begin;
   const int ncols = min(4, col_end - col);
-  with_width(m.y, [&](auto width) { dequant_chunk<T, decltype(width)::bits>(L, m, chunk, col, ncols, out, ldw); });
+  // 2-byte T: 16-byte stores where the warp's columns are all inside and every row starts 16-byte aligned
+  const bool wide = sizeof(T) == 2 && col_begin % 8 == 0 && ldw % 8 == 0 &&
+                    col_begin + (blockIdx.x * 32 + 32) * 4 <= col_end;
+  if (wide) {
+    with_width(m.y, [&](auto width) {
+      dequant_chunk<T, decltype(width)::bits, sizeof(T) == 2>(L, m, chunk, col, ncols, out, ldw);
+    });
+  } else {
+    with_width(m.y, [&](auto width) {
+      dequant_chunk<T, decltype(width)::bits, false>(L, m, chunk, col, ncols, out, ldw);
+    });
+  }
 }
 
 __global__ void qrepack_kernel(const int32_t* qweight, int out, const int4* repack, const int4* meta,

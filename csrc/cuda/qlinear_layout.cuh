@@ -147,4 +147,10 @@ template <> struct Io<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
 };
 
+// The gated MLP's silu(gate)·up, rounded to T as the unfused torch ops round it (silu, then the product).
+template <typename T>
+__device__ __forceinline__ float silu_times(float gate, float up) {
+  return Io<T>::load(Io<T>::store(Io<T>::load(Io<T>::store(gate / (1.0f + __expf(-gate)))) * up));
+}
+
 }  // namespace trimtab_cuda
