@@ -8,10 +8,11 @@ Op by op, a decode step is about 36 kernels a layer (RMSNorm, the q/k/v/o and ML
 the KV write, SDPA, casts and adds); launched one by one from Python that costs more host time than
 the GPU needs for the weights (docs/CUDA.md), so the whole step is captured once into a CUDA graph
 and replayed per token. Where trimtab's decode kernels serve the model (head_dim 64/128/256, up to 8
-query heads per KV head) a layer is 10 kernels: RMSNorm, the q, k, v GEMVs, rotary + KV write,
-attention split over the cache (flash-decoding, 2 kernels), the o GEMV adding the residual,
-RMSNorm, the gate and up GEMVs, and the down GEMV that takes silu(gate)·up as its input and adds
-the residual (a float linear runs those last two as torch ops). The graph reads the token and the
+query heads per KV head) and its projections are quantized, a layer is 9 kernels: RMSNorm, one GEMV
+for q, k and v, rotary + KV write, attention split over the cache (flash-decoding, 2 kernels), the o
+GEMV adding the residual, RMSNorm, one GEMV for gate and up, and the down GEMV that takes
+silu(gate)·up as its input and adds the residual (float projections: cuBLAS one at a time, and torch
+ops for SiLU and the adds). The graph reads the token and the
 position from device tensors written before each replay, attends over the whole static cache under
 a mask built from the position, and writes the logits into a static tensor (valid until the next
 step). A new cache object is captured anew. Batch 1,
@@ -149,7 +150,7 @@ class CudaGraphDecoder:
         return self._fused_step_ops(cache) if self.fused else self._torch_step_ops(cache)
 
     def _fused_step_ops(self, cache: KVCache) -> torch.Tensor:
-        """The step through trimtab's decode kernels: 10 launches a layer (module docstring)."""
+        """The step through trimtab's decode kernels: 9 launches a layer (module docstring)."""
         m = self.model
         rope, rotary_dim = m.rope, m.args.rotary_dim
         x = m.embed(self.token).view(1, -1)                                 # [1, D]

@@ -79,19 +79,20 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const T* x, cons
     out[i] = Io<T>::store(Io<T>::load(weight[i]) * round_trip<T>(Io<T>::load(row[i]) * inv));
 }
 
-// ---- rotary + KV cache write: one block per (8 heads, token), query heads then key heads ----------
+// ---- rotary + KV cache write: one block per (per_block heads, token), query heads first ---------
 // A thread's cos and sin (accurate sincosf, rounded as HF rounds them) serve its dim of all the
 // block's heads; the heads' loads all go out before any store (one memory latency, not eight).
+// One token (decode) takes a block a head, the shortest wait; many (prefill) 8 heads a block.
 
-constexpr int kRotaryHeads = 8;
+constexpr int kRotaryHeads = 8;  // the most heads a block takes
 
 template <typename T>
-__global__ void rotary_kv_kernel(RotaryKvArgs a) {
+__global__ void rotary_kv_kernel(RotaryKvArgs a, int per_block) {
   const int token = blockIdx.y;
   const int64_t position = *a.position + token;
   const int half_dim = a.rotary_dim / 2;
-  const int first_head = blockIdx.x * kRotaryHeads;
-  const int heads = min(kRotaryHeads, a.q_heads + a.kv_heads - first_head);
+  const int first_head = blockIdx.x * per_block;
+  const int heads = min(per_block, a.q_heads + a.kv_heads - first_head);
   const bool in_cache = position < a.slots;  // a key or value past the cache is not written
   for (int i = threadIdx.x; i < a.head_dim; i += blockDim.x) {
     const int partner = i < half_dim ? i + half_dim : i - half_dim;
@@ -382,11 +383,12 @@ cudaError_t silu_mul(const void* gate, const void* up, void* out, int64_t n, int
 
 cudaError_t rotary_kv(const RotaryKvArgs& a, int dtype, cudaStream_t stream) {
   const int threads = a.head_dim <= 64 ? 64 : a.head_dim <= 128 ? 128 : 256;
-  const dim3 blocks((a.q_heads + a.kv_heads + kRotaryHeads - 1) / kRotaryHeads, a.tokens);
+  const int per_block = a.tokens == 1 ? 1 : kRotaryHeads;  // heads a block takes (at most kRotaryHeads)
+  const dim3 blocks((a.q_heads + a.kv_heads + per_block - 1) / per_block, a.tokens);
   switch (dtype) {
-    case 0: rotary_kv_kernel<half><<<blocks, threads, 0, stream>>>(a); break;
-    case 1: rotary_kv_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(a); break;
-    default: rotary_kv_kernel<float><<<blocks, threads, 0, stream>>>(a); break;
+    case 0: rotary_kv_kernel<half><<<blocks, threads, 0, stream>>>(a, per_block); break;
+    case 1: rotary_kv_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(a, per_block); break;
+    default: rotary_kv_kernel<float><<<blocks, threads, 0, stream>>>(a, per_block); break;
   }
   return cudaGetLastError();
 }
