@@ -561,8 +561,9 @@ def report(path: Path) -> None:
         "batch 1, float16 activations. Decode at context 1024: one CUDA graph replay per token "
         "(`backend/cuda_decode.py`), argmax and a host sync per token; 'graph ms' is the graph alone. Prefill: 1024 "
         "tokens in one chunk. trimtab's body at 4.0 bpw, its head 6-bit. 'trimtab's decode kernels': RMSNorm, "
-        "rotary + KV write and split attention as one kernel each, the residual adds and SiLU·up inside the GEMVs; "
-        "'torch ops': the same step through PyTorch ops (SDPA).\n\n"
+        "rotary + KV write and split attention as one kernel each, q, k, v one GEMV launch and gate, up another, the "
+        "residual adds and SiLU·up inside the GEMVs; its prefill runs RMSNorm, rotary + cache write and SiLU·up as "
+        "trimtab's kernels too; 'torch ops': the same step and prefill through PyTorch ops (SDPA).\n\n"
         + markdown_table(["engine", "decode tok/s", "graph ms / token", "prefill 1024 tok/s"], engine_rows)
     )
     if "greedy" in r:
