@@ -156,7 +156,7 @@ class CudaGraphDecoder:
         x = m.embed(self.token).view(1, -1)                                 # [1, D]
         for layer in m.layers:
             attn = layer.self_attn
-            h = cuda_ops.rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.eps)
+            h = _rms_norm(x, layer.input_layernorm, fused=True)
             keys, values = cache.keys[layer.index], cache.values[layer.index]  # [1, H_kv, T, hd]
             qkv, gate_up = _shared_input_groups(layer)
             q = cuda_ops.rotary_kv(*_projections(qkv, h), keys, values, self.position, rope.inv_freq,
@@ -165,10 +165,10 @@ class CudaGraphDecoder:
                                             self.attention_workspace, attn.head_dim ** -0.5,
                                             layer.sliding_window or 0)
             x = _projection_plus(attn.o_proj, out, x, m.tp)
-            h = cuda_ops.rms_norm(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
+            h = _rms_norm(x, layer.post_attention_layernorm, fused=True)
             gate, up = _projections(gate_up, h)
             x = _projection_plus(layer.mlp.down_proj, up, x, m.tp, gate=gate)
-        return m.lm_head(cuda_ops.rms_norm(x, m.norm.weight, m.norm.eps)).float().view(-1)   # [V]
+        return m.lm_head(_rms_norm(x, m.norm, fused=True)).float().view(-1)                # [V]
 
     def _torch_step_ops(self, cache: KVCache) -> torch.Tensor:
         m = self.model

@@ -129,9 +129,7 @@ def qgemv_workspace(layers: list[GemvLayer], batch: int, target_blocks: int) -> 
     """float32 elements of workspace a GEMV of these layers needs for `batch` rows (partial sums of
     shared tiles)."""
     load_extension()
-    return torch.ops.trimtab_cuda.qgemv_workspace([la.words for la in layers], [la.scale_min for la in layers],
-                                                  [la.meta for la in layers], [la.out for la in layers], batch,
-                                                  target_blocks)
+    return torch.ops.trimtab_cuda.qgemv_workspace(*_shapes(layers), batch, target_blocks)
 
 
 def multiprocessor_count(on: torch.Tensor) -> int:
@@ -142,8 +140,13 @@ def multiprocessor_count(on: torch.Tensor) -> int:
 
 def qgemv_counters(layers: list[GemvLayer]) -> int:
     load_extension()
-    return torch.ops.trimtab_cuda.qgemv_counters([la.words for la in layers], [la.scale_min for la in layers],
-                                                 [la.meta for la in layers], [la.out for la in layers])
+    return torch.ops.trimtab_cuda.qgemv_counters(*_shapes(layers))
+
+
+def _shapes(layers: list[GemvLayer]) -> tuple[list, list, list, list[int]]:
+    """What sizes a GEMV's grid: the layers' words, scale_min, meta and out, as lists."""
+    return ([la.words for la in layers], [la.scale_min for la in layers], [la.meta for la in layers],
+            [la.out for la in layers])
 
 
 def qdequantize_t(wt, words, scale_min, meta, xmap, out: int, col_begin: int, col_end: int) -> None:

@@ -168,6 +168,7 @@ class CudaPackedLinear(PackedLinear):
         width = max(128, (SLICE_ELEMENTS // max(1, self.in_features)) // 128 * 128)
         for begin in range(0, self.out_features, width):
             end = min(self.out_features, begin + width)
+            # rows 8 columns apart at least: 16-byte aligned for the dequantize kernel's stores
             wt = torch.empty(self.in_features, -(-(end - begin) // 8) * 8, dtype=dtype, device=self.device)
             cuda_ops.qdequantize_t(wt, self.words, self.scale_min, self.meta, self.xmap, self.out_features, begin, end)
             yield begin, end, wt
@@ -192,13 +193,14 @@ def reserve_gemv(linears: Sequence[CudaPackedLinear]) -> None:
 def gemv(linears: Sequence[CudaPackedLinear], rows: torch.Tensor, gate: torch.Tensor | None = None,
          residual: torch.Tensor | None = None) -> list[torch.Tensor]:
     """rows: [1-8, in] → [rows, out] for each layer (shares_gemv), one launch: residual + b + u Wᵀ with
-    u = rows, or silu(gate)·rows given gate (rows' shape and strides); a residual for one layer only.
-    reserve_gemv(linears) first, for more than one layer."""
+    u = rows, or silu(gate)·rows given gate (rows' shape and strides); a residual for one layer only."""
     if not shares_gemv(linears):
         raise TrimtabError(f"one GEMV launch runs 1 to {cuda_ops.MAX_GEMV_LAYERS} quantized layers of one input size "
                            f"on one GPU, got {len(linears)}")
     if residual is not None and len(linears) > 1:
         raise TrimtabError("a GEMV adds a residual to a single layer's output only")
+    if len(linears) > 1:  # a no-op once reserved (a single layer reserved its own at load)
+        reserve_gemv(linears)
     first = linears[0]
     workspace, counters = SplitKWorkspace.tensors(first.device)
     return cuda_ops.qgemv(rows, first.in_features, [la.gemv_layer for la in linears], workspace, counters,

@@ -78,6 +78,8 @@ void check_rows(const Tensor& t, const Tensor& x, int64_t rows, int64_t cols, co
 
 using OptionalTensors = c10::List<c10::optional<Tensor>>;
 
+bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
 // The layers of one GEMV launch, from lists holding one entry per layer.
 std::vector<QLayer> layers_of(at::TensorList words, at::TensorList scale_min, at::TensorList meta,
                               const OptionalTensors* xmap, at::IntArrayRef out, const char* op) {
@@ -106,6 +108,9 @@ std::vector<Tensor> qgemv(const Tensor& x, int64_t in_features, at::TensorList w
   const std::vector<QLayer> layers = layers_of(words, scale_min, meta, &xmap, out, op);
   const int count = int(layers.size());
   TT_CHECK(bias.size() == layers.size() && max_bits.size() == layers.size(), op, "one bias and max_bits per layer");
+  for (const QLayer& L : layers)  // without a row map, the padded rows are x's rows
+    TT_CHECK(L.xmap != nullptr || int64_t(L.chunks) * 32 == in_features, op, "a layer of ", L.chunks * 32,
+             " rows cannot take ", in_features, " inputs");
   TT_CHECK(x.is_cuda() && x.dim() == 2 && x.size(1) == in_features && x.stride(1) == 1, op,
            "x must be a CUDA [batch, ", in_features, "] tensor with contiguous rows, got ", x.sizes());
   const int batch = int(x.size(0));
@@ -216,9 +221,9 @@ Tensor silu_mul(const Tensor& gate, const Tensor& up) {
   const char* op = "silu_mul";
   c10::cuda::CUDAGuard guard(gate.device());
   const int code = dtype_code(gate, op);
-  const auto aligned = [](const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
   TT_CHECK(gate.is_cuda() && up.device() == gate.device() && up.scalar_type() == gate.scalar_type() &&
-               up.sizes() == gate.sizes() && gate.is_contiguous() && up.is_contiguous() && aligned(gate) && aligned(up),
+               up.sizes() == gate.sizes() && gate.is_contiguous() && up.is_contiguous() && aligned16(gate) &&
+               aligned16(up),
            op, "gate and up must be contiguous, 16-byte aligned CUDA tensors of one shape and dtype");
   Tensor out = at::empty_like(gate);
   check_cuda(trimtab_cuda::silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), code,
@@ -281,8 +286,7 @@ Tensor decode_attention(const Tensor& q, const Tensor& keys, const Tensor& value
   TT_CHECK(keys.strides() == values.strides(), op, "keys and values must share strides");
   TT_CHECK(q.is_contiguous() && q.numel() % (kv_heads * head_dim) == 0, op, "q must be contiguous whole heads");
   const int64_t vector = 16 / keys.element_size();  // the kernel reads the cache 16 bytes at a time
-  const auto aligned = [](const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
-  TT_CHECK(aligned(keys) && aligned(values) && keys.stride(1) % vector == 0 && keys.stride(2) % vector == 0,
+  TT_CHECK(aligned16(keys) && aligned16(values) && keys.stride(1) % vector == 0 && keys.stride(2) % vector == 0,
            op, "the cache must be 16-byte aligned, its head and slot strides whole 16-byte pieces");
   const int64_t group = q.numel() / (kv_heads * head_dim);
   TT_CHECK(trimtab_cuda::attention_supported(int(head_dim), int(group)), op, "head_dim ", head_dim,
