@@ -12,7 +12,10 @@ query heads per KV head) and its projections are quantized, a layer is 9 kernels
 for q, k and v, rotary + KV write, attention split over the cache (flash-decoding, 2 kernels), the o
 GEMV adding the residual, RMSNorm, one GEMV for gate and up, and the down GEMV that takes
 silu(gate)·up as its input and adds the residual (float projections: cuBLAS one at a time, and torch
-ops for SiLU and the adds). The graph reads the token and the
+ops for SiLU and the adds). A mixture of experts (Mixtral) chooses its top-k experts on the GPU
+(router, softmax, top-k) and runs them as three routed GEMVs, each reading the chosen experts'
+indices from device memory, so the choice needs no host sync and stays in the graph. The graph
+reads the token and the
 position from device tensors written before each replay, attends over the whole static cache under
 a mask built from the position, and writes the logits into a static tensor (valid until the next
 step). A new cache object is captured anew. Batch 1,
@@ -28,15 +31,16 @@ import torch.nn.functional as F
 from trimtab.backend import cuda_ops, ops
 from trimtab.backend.errors import TrimtabError
 from trimtab.backend.kv_cache import KVCache
-from trimtab.backend.quant.cuda_linear import CudaPackedLinear, gemv, reserve_gemv, shares_gemv
+from trimtab.backend.quant.cuda_linear import CudaPackedLinear, gemv, reserve_gemv, routed_gemv, shares_gemv
 
 
 class CudaGraphDecoder:
     def __init__(self, model, prefill_chunk: int = 2048):
         if model.device.type != "cuda":
             raise TrimtabError(f"the CUDA graph decoder needs a model on a CUDA device, not {model.device}")
-        if getattr(model.layers[0], "mlp", None) is None or not hasattr(model.layers[0].mlp, "gate_proj"):
-            raise TrimtabError("the CUDA graph decoder runs gated-MLP models (no mixture of experts)")
+        problem = unsupported(model)
+        if problem is not None:
+            raise TrimtabError(f"the CUDA graph decoder cannot run this model: {problem}")
         self.model = model
         self.prefill_chunk = prefill_chunk
         self.cache: KVCache | None = None
@@ -94,6 +98,9 @@ class CudaGraphDecoder:
             x = x + m.tp.all_reduce(attn.o_proj(out.transpose(1, 2).reshape(1, S, attn.num_heads * attn.head_dim)))
             h = _rms_norm(x, layer.post_attention_layernorm, fused)
             mlp = layer.mlp
+            if not _is_gated(mlp):  # a mixture of experts: its own routing, op by op
+                x = x + m.tp.all_reduce(mlp(h))
+                continue
             gate, up = mlp.gate_proj(h), mlp.up_proj(h)
             x = x + m.tp.all_reduce(mlp.down_proj(cuda_ops.silu_mul(gate, up) if fused else F.silu(gate) * up))
         cache.advance(S)
@@ -130,6 +137,9 @@ class CudaGraphDecoder:
                 for group in _shared_input_groups(layer):
                     if shares_gemv(group):
                         reserve_gemv(group)
+                if not _is_gated(layer.mlp):
+                    for experts in _expert_groups(layer.mlp):
+                        reserve_gemv(experts, slots=layer.mlp.top_k)
             attn = self.model.layers[0].self_attn
             self.first_slot = cache.pad[:1]
             self.attention_workspace = torch.empty(
@@ -158,7 +168,7 @@ class CudaGraphDecoder:
             attn = layer.self_attn
             h = _rms_norm(x, layer.input_layernorm, fused=True)
             keys, values = cache.keys[layer.index], cache.values[layer.index]  # [1, H_kv, T, hd]
-            qkv, gate_up = _shared_input_groups(layer)
+            qkv = _shared_input_groups(layer)[0]
             q = cuda_ops.rotary_kv(*_projections(qkv, h), keys, values, self.position, rope.inv_freq,
                                    rope.attention_scaling, attn.head_dim, rotary_dim).view(1, -1)  # [1, H·hd]
             out = cuda_ops.decode_attention(q, keys, values, self.position, self.first_slot,
@@ -166,8 +176,12 @@ class CudaGraphDecoder:
                                             layer.sliding_window or 0)
             x = _projection_plus(attn.o_proj, out, x, m.tp)
             h = _rms_norm(x, layer.post_attention_layernorm, fused=True)
-            gate, up = _projections(gate_up, h)
-            x = _projection_plus(layer.mlp.down_proj, up, x, m.tp, gate=gate)
+            mlp = layer.mlp
+            if _is_gated(mlp):
+                gate, up = _projections((mlp.gate_proj, mlp.up_proj), h)
+                x = _projection_plus(mlp.down_proj, up, x, m.tp, gate=gate)
+            else:
+                x = x + m.tp.all_reduce(_routed_experts(mlp, h))
         return m.lm_head(_rms_norm(x, m.norm, fused=True)).float().view(-1)                # [V]
 
     def _torch_step_ops(self, cache: KVCache) -> torch.Tensor:
@@ -209,10 +223,57 @@ class CudaGraphDecoder:
         return attn.o_proj(out.reshape(1, 1, attn.num_heads * attn.head_dim))
 
 
-def _shared_input_groups(layer) -> tuple[tuple, tuple]:
-    """The layer's projections that read the same input: (q, k, v) and (gate, up)."""
+def unsupported(model) -> str | None:
+    """Why the CUDA graph decoder cannot run `model`, or None. A gated MLP runs anyhow; a mixture of
+    experts needs trimtab's attention kernels and its routed GEMV (every expert quantized, at most 8
+    experts of one shape a layer), since choosing experts op by op would stop the GPU for the host."""
+    mlp = model.layers[0].mlp
+    if _is_gated(mlp):
+        return None
+    if not hasattr(mlp, "experts"):
+        return "its MLP is neither gated nor a mixture of experts"
+    attn = model.layers[0].self_attn
+    if not cuda_ops.attention_supported(attn.head_dim, attn.num_heads // attn.num_kv_heads):
+        return (f"a mixture of experts runs in the graph with trimtab's attention kernels only (head_dim 64/128/256, "
+                f"up to 8 query heads a KV head), not head_dim {attn.head_dim}")
+    for layer in model.layers:
+        for experts in _expert_groups(layer.mlp):
+            if not shares_gemv(experts) or len({e.out_features for e in experts}) != 1:
+                return (f"the routed GEMV takes 1 to {cuda_ops.MAX_GEMV_LAYERS} quantized experts of one shape "
+                        f"a layer; layer {layer.index} has {len(experts)} experts of kinds "
+                        f"{sorted({type(e).__name__ for e in experts})}")
+    return None
+
+
+def _is_gated(mlp) -> bool:
+    return hasattr(mlp, "gate_proj")
+
+
+def _expert_groups(moe) -> tuple[list, list, list]:
+    """A mixture of experts' gate, up and down projections, each a list over its experts."""
+    gates, ups, downs = zip(*moe.experts)
+    return list(gates), list(ups), list(downs)
+
+
+def _routed_experts(moe, h: torch.Tensor) -> torch.Tensor:
+    """h [1, D] → [1, D]: the mixture of experts of one token (this rank's share), its top-k experts
+    chosen on the GPU (no host sync) and run by three routed GEMVs; the weights renormalised over
+    the chosen few, as SparseMoE does."""
+    probs = F.softmax(moe.router(h).float(), dim=-1)                       # [1, E]
+    weights, chosen = probs.topk(moe.top_k, dim=-1)                         # [1, k]
+    weights = (weights / weights.sum(dim=-1, keepdim=True)).to(h.dtype)
+    route = chosen.view(-1)
+    gates, ups, downs = _expert_groups(moe)
+    gate, up = routed_gemv(gates, h, route), routed_gemv(ups, h, route)     # [k, I]
+    y = routed_gemv(downs, up, route, gate=gate)                           # [k, D]: down(silu(gate)·up)
+    return (y * weights.view(-1, 1)).sum(dim=0, keepdim=True)
+
+
+def _shared_input_groups(layer) -> tuple[tuple, ...]:
+    """The layer's projections that read the same input: (q, k, v) and, in a gated MLP, (gate, up)."""
     attn, mlp = layer.self_attn, layer.mlp
-    return (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
+    qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+    return (qkv, (mlp.gate_proj, mlp.up_proj)) if _is_gated(mlp) else (qkv,)
 
 
 def _projections(linears, h: torch.Tensor) -> list[torch.Tensor]:

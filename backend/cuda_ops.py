@@ -55,7 +55,7 @@ def qrepack(qweight, repack, meta, word_rows: int) -> torch.Tensor:
         return torch.ops.trimtab_cuda.qrepack(qweight, repack, meta, word_rows)
 
 
-MAX_GEMV_LAYERS = 4  # layers one GEMV launch runs (qlinear_cuda.h: kMaxGemvLayers)
+MAX_GEMV_LAYERS = 8  # layers one GEMV launch runs (qlinear_cuda.h: kMaxGemvLayers)
 
 
 class GemvLayer(NamedTuple):
@@ -70,16 +70,18 @@ class GemvLayer(NamedTuple):
 
 
 def qgemv(x, in_features: int, layers: list[GemvLayer], workspace, counters, target_blocks: int, gate=None,
-          residual=None) -> list[torch.Tensor]:
+          residual=None, route=None) -> list[torch.Tensor]:
     """x: [batch <= 8, in] → for each layer [batch, out] in x's dtype (float16, bfloat16 or float32):
-    residual + bias + u Wᵀ with u = x, or silu(gate)·x given gate (x's shape). Up to 4 layers on the
+    residual + bias + u Wᵀ with u = x, or silu(gate)·x given gate (x's shape). Up to 8 layers on the
     same x run as one launch, about `target_blocks` equal blocks shared out by their sizes; a residual
-    only for a single layer."""
+    only for a single layer. Given route (int64 [slots] of indices into layers, on the device: a
+    mixture of experts' choice, layers of one shape): one output [slots, out], row s from layer
+    route[s] on x row s (x of `slots` rows) or on x's one row."""
     load_extension()
     words, scale_min, meta, xmap, bias, out, max_bits = (list(field) for field in zip(*layers))
     with _as_trimtab_error():
         return torch.ops.trimtab_cuda.qgemv(x, in_features, words, scale_min, meta, xmap, bias, out, workspace,
-                                            counters, target_blocks, max_bits, gate, residual)
+                                            counters, target_blocks, max_bits, gate, residual, route)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -125,11 +127,11 @@ def attention_supported(head_dim: int, group: int) -> bool:
     return torch.ops.trimtab_cuda.attention_supported(head_dim, group)
 
 
-def qgemv_workspace(layers: list[GemvLayer], batch: int, target_blocks: int) -> int:
-    """float32 elements of workspace a GEMV of these layers needs for `batch` rows (partial sums of
-    shared tiles)."""
+def qgemv_workspace(layers: list[GemvLayer], batch: int, target_blocks: int, slots: int = 0) -> int:
+    """float32 elements of workspace a GEMV of these layers needs for `batch` rows, or routed over
+    `slots` slots (partial sums of shared tiles)."""
     load_extension()
-    return torch.ops.trimtab_cuda.qgemv_workspace(*_shapes(layers), batch, target_blocks)
+    return torch.ops.trimtab_cuda.qgemv_workspace(*_shapes(layers), batch, target_blocks, slots)
 
 
 def multiprocessor_count(on: torch.Tensor) -> int:
@@ -138,9 +140,9 @@ def multiprocessor_count(on: torch.Tensor) -> int:
     return torch.ops.trimtab_cuda.multiprocessor_count(on)
 
 
-def qgemv_counters(layers: list[GemvLayer]) -> int:
+def qgemv_counters(layers: list[GemvLayer], slots: int = 0) -> int:
     load_extension()
-    return torch.ops.trimtab_cuda.qgemv_counters(*_shapes(layers))
+    return torch.ops.trimtab_cuda.qgemv_counters(*_shapes(layers), slots)
 
 
 def _shapes(layers: list[GemvLayer]) -> tuple[list, list, list, list[int]]:

@@ -289,10 +289,10 @@ class Transformer:
         self.cuda_decoder = self._cuda_decoder()
 
     def _cuda_decoder(self):
-        if self.device.type != "cuda" or not hasattr(self.layers[0].mlp, "gate_proj"):
+        if self.device.type != "cuda":
             return None
-        from trimtab.backend.cuda_decode import CudaGraphDecoder  # builds the CUDA kernels: GPU machines only
-        return CudaGraphDecoder(self)
+        from trimtab.backend.cuda_decode import CudaGraphDecoder, unsupported  # CUDA kernels: GPU machines only
+        return None if unsupported(self) else CudaGraphDecoder(self)
 
     @staticmethod
     def _embedding_and_head(args: ModelArgs, w: WeightReader):

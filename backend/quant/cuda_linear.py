@@ -175,19 +175,20 @@ class CudaPackedLinear(PackedLinear):
 
 
 def shares_gemv(linears: Sequence) -> bool:
-    """Whether these layers can run as one GEMV launch: quantized on one GPU, one input size, at most 4."""
+    """Whether these layers can run as one GEMV launch: quantized on one GPU, one input size, at most 8."""
     return (1 <= len(linears) <= cuda_ops.MAX_GEMV_LAYERS and all(isinstance(la, CudaPackedLinear) for la in linears)
             and len({(la.device, la.in_features) for la in linears}) == 1)
 
 
-def reserve_gemv(linears: Sequence[CudaPackedLinear]) -> None:
-    """Size the GPU's GEMV workspace and tile counters for these layers as one launch, 1-8 rows (before
-    a CUDA graph captures it, so that the graph never sees them move)."""
+def reserve_gemv(linears: Sequence[CudaPackedLinear], slots: int = 0) -> None:
+    """Size the GPU's GEMV workspace and tile counters for these layers as one launch, 1-8 rows, or
+    routed over `slots` slots (before a CUDA graph captures it, so that the graph never sees them move)."""
     first, layers = linears[0], [la.gemv_layer for la in linears]
     SplitKWorkspace.reserve(
         first.device,
-        max(cuda_ops.qgemv_workspace(layers, rows, first.target_blocks()) for rows in range(1, GEMV_MAX_ROWS + 1)),
-        cuda_ops.qgemv_counters(layers))
+        max(cuda_ops.qgemv_workspace(layers, rows, first.target_blocks(), slots)
+            for rows in range(1, GEMV_MAX_ROWS + 1)),
+        cuda_ops.qgemv_counters(layers, slots))
 
 
 def gemv(linears: Sequence[CudaPackedLinear], rows: torch.Tensor, gate: torch.Tensor | None = None,
@@ -205,3 +206,19 @@ def gemv(linears: Sequence[CudaPackedLinear], rows: torch.Tensor, gate: torch.Te
     workspace, counters = SplitKWorkspace.tensors(first.device)
     return cuda_ops.qgemv(rows, first.in_features, [la.gemv_layer for la in linears], workspace, counters,
                           first.target_blocks(), gate, residual)
+
+
+def routed_gemv(experts: Sequence[CudaPackedLinear], rows: torch.Tensor, route: torch.Tensor,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
+    """A mixture of experts' GEMV, one launch, the choice read on the GPU (no host sync, so a CUDA
+    graph holds it): route int64 [k] (indices into `experts`, layers of one shape) → [k, out], row s
+    = experts[route[s]] applied to rows[s] (rows: [k, in]) or to rows[0] (rows: [1, in]); silu(gate)·rows
+    given gate (rows' shape)."""
+    if not shares_gemv(experts) or len({la.out_features for la in experts}) != 1:
+        raise TrimtabError(f"a routed GEMV runs 1 to {cuda_ops.MAX_GEMV_LAYERS} quantized experts of one shape "
+                           f"on one GPU, got {len(experts)}")
+    reserve_gemv(experts, slots=route.numel())  # a no-op once reserved
+    first = experts[0]
+    workspace, counters = SplitKWorkspace.tensors(first.device)
+    return cuda_ops.qgemv(rows, first.in_features, [la.gemv_layer for la in experts], workspace, counters,
+                          first.target_blocks(), gate, None, route)[0]

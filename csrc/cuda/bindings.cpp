@@ -97,12 +97,14 @@ std::vector<QLayer> layers_of(at::TensorList words, at::TensorList scale_min, at
 
 // x: [batch, in] (rows may be strided, columns contiguous) → for each layer y: [batch, out] in x's
 // dtype: y = residual + bias + u Wᵀ with u = x, or silu(gate)·x where gate is given (gate: x's shape
-// and strides). All layers run as one launch; a residual only for a single layer.
+// and strides). All layers run as one launch; a residual only for a single layer. Given a route
+// (int64 [slots] of layer indices on x's device; the layers alternatives of one shape): one output
+// [slots, out] whose row s is layer route[s] applied to x row s (x of `slots` rows) or to x's only row.
 std::vector<Tensor> qgemv(const Tensor& x, int64_t in_features, at::TensorList words, at::TensorList scale_min,
                           at::TensorList meta, const OptionalTensors& xmap, const OptionalTensors& bias,
                           at::IntArrayRef out, Tensor workspace, Tensor counters, int64_t target_blocks,
                           at::IntArrayRef max_bits, const c10::optional<Tensor>& gate,
-                          const c10::optional<Tensor>& residual) {
+                          const c10::optional<Tensor>& residual, const c10::optional<Tensor>& route) {
   const char* op = "qgemv";
   c10::cuda::CUDAGuard guard(x.device());
   const std::vector<QLayer> layers = layers_of(words, scale_min, meta, &xmap, out, op);
@@ -118,10 +120,22 @@ std::vector<Tensor> qgemv(const Tensor& x, int64_t in_features, at::TensorList w
   const int code = dtype_code(x, op);
   const int target = int(target_blocks);
   TT_CHECK(target >= 1, op, "target_blocks must be positive, got ", target_blocks);
-  const int64_t need = trimtab_cuda::qgemv_workspace_floats(layers.data(), count, batch, target);
+  const int slots = route.has_value() ? int(route->numel()) : 0;
+  if (route.has_value()) {
+    TT_CHECK(route->is_cuda() && route->device() == x.device() && route->scalar_type() == at::kLong &&
+                 route->is_contiguous() && slots >= 1,
+             op, "route must be a contiguous int64 tensor of layer indices on x's device");
+    TT_CHECK(batch == 1 || batch == slots, op, "a routed GEMV takes one x row or one per slot, got ", batch,
+             " rows for ", slots, " slots");
+    TT_CHECK(!residual.has_value(), op, "a routed GEMV adds no residual");
+    for (const QLayer& L : layers)
+      TT_CHECK(L.out == layers[0].out && L.chunks == layers[0].chunks, op, "routed layers must share one shape");
+  }
+  const int rows = slots > 0 ? 1 : batch;  // rows a block multiplies
+  const int64_t need = trimtab_cuda::qgemv_workspace_floats(layers.data(), count, rows, target, slots);
   TT_CHECK(workspace.is_cuda() && workspace.scalar_type() == at::kFloat && workspace.numel() >= need, op,
            "workspace too small: need ", need, " floats");
-  const int tiles = trimtab_cuda::qgemv_counters(layers.data(), count);
+  const int tiles = trimtab_cuda::qgemv_counters(layers.data(), count, slots);
   TT_CHECK(counters.is_cuda() && counters.scalar_type() == at::kInt && counters.numel() >= tiles, op,
            "counters too small: need ", tiles);
   if (gate.has_value()) {
@@ -139,21 +153,25 @@ std::vector<Tensor> qgemv(const Tensor& x, int64_t in_features, at::TensorList w
     if (b.has_value())
       TT_CHECK(b->is_cuda() && b->scalar_type() == at::kFloat && b->numel() == out[i] && b->is_contiguous(), op,
                "bias must be a contiguous CUDA float32 [", out[i], "] tensor");
-    ys.push_back(at::empty({batch, out[i]}, x.options()));
+    if (slots == 0 || i == 0) ys.push_back(at::empty({slots > 0 ? slots : batch, out[i]}, x.options()));
     outs.push_back({ys.back().data_ptr(), res.defined() ? res.data_ptr() : nullptr, ys.back().stride(0),
                     b.has_value() ? b->data_ptr<float>() : nullptr, int(max_bits[i])});
   }
   const trimtab_cuda::GemvInput in{x.data_ptr(), gate.has_value() ? gate->data_ptr() : nullptr, x.stride(0)};
-  check_cuda(trimtab_cuda::qgemv(in, layers.data(), outs.data(), count, batch, code, workspace.data_ptr<float>(),
-                                 counters.data_ptr<int32_t>(), target, c10::cuda::getCurrentCUDAStream()),
+  const trimtab_cuda::GemvRoute routing{slots > 0 ? route->data_ptr<int64_t>() : nullptr, slots,
+                                        batch == 1 ? 0 : x.stride(0)};
+  check_cuda(trimtab_cuda::qgemv(in, layers.data(), outs.data(), count, rows, code, workspace.data_ptr<float>(),
+                                 counters.data_ptr<int32_t>(), target, slots > 0 ? &routing : nullptr,
+                                 c10::cuda::getCurrentCUDAStream()),
              op);
   return ys;
 }
 
 int64_t qgemv_workspace(at::TensorList words, at::TensorList scale_min, at::TensorList meta, at::IntArrayRef out,
-                        int64_t batch, int64_t target_blocks) {
+                        int64_t batch, int64_t target_blocks, int64_t slots) {
   const std::vector<QLayer> layers = layers_of(words, scale_min, meta, nullptr, out, "qgemv_workspace");
-  return trimtab_cuda::qgemv_workspace_floats(layers.data(), int(layers.size()), int(batch), int(target_blocks));
+  return trimtab_cuda::qgemv_workspace_floats(layers.data(), int(layers.size()), slots > 0 ? 1 : int(batch),
+                                              int(target_blocks), int(slots));
 }
 
 int64_t multiprocessor_count(const Tensor& on) {
@@ -161,9 +179,10 @@ int64_t multiprocessor_count(const Tensor& on) {
   return multiprocessors();
 }
 
-int64_t qgemv_counters(at::TensorList words, at::TensorList scale_min, at::TensorList meta, at::IntArrayRef out) {
+int64_t qgemv_counters(at::TensorList words, at::TensorList scale_min, at::TensorList meta, at::IntArrayRef out,
+                       int64_t slots) {
   const std::vector<QLayer> layers = layers_of(words, scale_min, meta, nullptr, out, "qgemv_counters");
-  return trimtab_cuda::qgemv_counters(layers.data(), int(layers.size()));
+  return trimtab_cuda::qgemv_counters(layers.data(), int(layers.size()), int(slots));
 }
 
 // Columns [col_begin, col_end) of W, transposed and in the original input order, into wt [in, ldw]
@@ -319,11 +338,12 @@ bool attention_supported(int64_t head_dim, int64_t group) {
 TORCH_LIBRARY(trimtab_cuda, m) {
   m.def("qgemv(Tensor x, int in_features, Tensor[] words, Tensor[] scale_min, Tensor[] meta, Tensor?[] xmap, "
         "Tensor?[] bias, int[] out, Tensor(a!) workspace, Tensor(b!) counters, int target_blocks, int[] max_bits, "
-        "Tensor? gate=None, Tensor? residual=None) -> Tensor[]", &qgemv);
+        "Tensor? gate=None, Tensor? residual=None, Tensor? route=None) -> Tensor[]", &qgemv);
   m.def("qgemv_workspace(Tensor[] words, Tensor[] scale_min, Tensor[] meta, int[] out, int batch, "
-        "int target_blocks) -> int", &qgemv_workspace);
+        "int target_blocks, int slots=0) -> int", &qgemv_workspace);
   m.def("multiprocessor_count(Tensor on) -> int", &multiprocessor_count);
-  m.def("qgemv_counters(Tensor[] words, Tensor[] scale_min, Tensor[] meta, int[] out) -> int", &qgemv_counters);
+  m.def("qgemv_counters(Tensor[] words, Tensor[] scale_min, Tensor[] meta, int[] out, int slots=0) -> int",
+        &qgemv_counters);
   m.def("qdequantize_t(Tensor(a!) wt, Tensor words, Tensor scale_min, Tensor meta, Tensor? xmap, int out, "
         "int col_begin, int col_end) -> ()", &qdequantize_t);
   m.def("qrepack(Tensor qweight, Tensor repack, Tensor meta, int word_rows) -> Tensor", &qrepack);

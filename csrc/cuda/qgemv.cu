@@ -42,10 +42,13 @@ struct GemvArgs {  // one layer's share of a launch
   int max_bits;          // the layer's widest chunk: a ring slot holds max_bits word rows + scales
 };
 
-struct GemvGroup {  // a launch: layer i takes blocks [first_block[i], first_block[i + 1])
+struct GemvGroup {  // a launch: layer i takes blocks [first_block[i], first_block[i + 1]); or routed:
   GemvArgs layers[kMaxGemvLayers];
   int first_block[kMaxGemvLayers + 1];
   int count;
+  const int64_t* route;     // nullptr, or [slots]: slot s (blocks [s, s + 1) · slot_blocks) runs layer
+  int slot_blocks;          // route[s] on x row s (x_slot_bytes apart, 0: one x) into output row s
+  int64_t x_slot_bytes, y_slot_bytes;
 };
 
 __host__ __device__ constexpr int align16(int bytes) { return (bytes + 15) / 16 * 16; }
@@ -322,15 +325,36 @@ __device__ void finish_tile(const GemvArgs& a, const Block& blk, int tile, const
   if (threadIdx.x == 0) a.counters[tile] = 0;  // ready for the next call (and graph replay)
 }
 
+// The arguments of the layer this block works for, and its index among that layer's blocks. A routed
+// launch (a mixture of experts) reads the chosen layers first: they come from the kernel before.
+template <int NB>
+__device__ __forceinline__ GemvArgs block_args(const GemvGroup& group, int& index) {
+  if (group.route == nullptr) {
+    int layer = 0;
+    while (layer + 1 < group.count && int(blockIdx.x) >= group.first_block[layer + 1]) ++layer;
+    index = blockIdx.x - group.first_block[layer];
+    return group.layers[layer];
+  }
+  const int slot = blockIdx.x / group.slot_blocks;
+  index = blockIdx.x - slot * group.slot_blocks;
+  grid_dependency_wait();
+  GemvArgs a = group.layers[min(max(int(__ldg(group.route + slot)), 0), group.count - 1)];
+  a.x = static_cast<const char*>(a.x) + slot * group.x_slot_bytes;
+  if (a.gate != nullptr) a.gate = static_cast<const char*>(a.gate) + slot * group.x_slot_bytes;
+  a.y = static_cast<char*>(a.y) + slot * group.y_slot_bytes;
+  a.workspace += size_t(slot) * group.slot_blocks * kPartialSlots * NB * kWarpCols;
+  a.counters += slot * tiles_of(a.layer);
+  return a;
+}
+
 template <typename T, int NB>
 __global__ void __launch_bounds__(kThreads, NB > 2 ? 1 : 4) qgemv_kernel(const __grid_constant__ GemvGroup group) {
   extern __shared__ __align__(16) unsigned char smem[];
-  int layer = 0;
-  while (layer + 1 < group.count && int(blockIdx.x) >= group.first_block[layer + 1]) ++layer;
-  const GemvArgs& a = group.layers[layer];
+  int index;
+  const GemvArgs a = block_args<NB>(group, index);
   const QLayer& L = a.layer;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, chunks = L.chunks;
-  const Block blk(a, blockIdx.x - group.first_block[layer]);
+  const Block blk(a, index);
   if (blk.begin >= blk.end) return;
   const SharedLayout at(NB, a.x_slots, a.stages, a.max_bits);
   int4* meta = reinterpret_cast<int4*>(smem + at.meta);
@@ -472,37 +496,42 @@ cudaError_t launch_gemv_batch(const GemvGroup& g, const GemvPlan& p, int batch, 
 
 int64_t items_of(const QLayer& L) { return int64_t(tiles_of(L)) * L.chunks; }
 
-// Each layer's plan, its blocks a share of `target_blocks` by its items (one block at least).
-void plan_layers(const QLayer* layers, int count, int batch, int target_blocks, GemvPlan* plans) {
+// Each layer's plan: its blocks a share of `target_blocks` by its items (one block at least); or,
+// routed (slots > 0), every layer planned for one slot's share: the layers are alternatives, one
+// of them runs each slot.
+void plan_layers(const QLayer* layers, int count, int batch, int target_blocks, int slots, GemvPlan* plans) {
   int64_t total = 0;
   for (int i = 0; i < count; ++i) total += items_of(layers[i]);
   for (int i = 0; i < count; ++i) {
-    const int share = int(std::max<int64_t>(1, (target_blocks * items_of(layers[i]) + total / 2) / total));
+    const int share = slots > 0 ? std::max(1, target_blocks / slots)
+                                : int(std::max<int64_t>(1, (target_blocks * items_of(layers[i]) + total / 2) / total));
     plans[i] = plan_gemv(layers[i], batch, share);
   }
 }
 
 }  // namespace
 
-int64_t qgemv_workspace_floats(const QLayer* layers, int count, int batch, int target_blocks) {
+int64_t qgemv_workspace_floats(const QLayer* layers, int count, int batch, int target_blocks, int slots) {
   GemvPlan plans[kMaxGemvLayers];
-  plan_layers(layers, count, batch, target_blocks, plans);
-  int64_t blocks = 0;
-  for (int i = 0; i < count; ++i) blocks += plans[i].grid;
+  plan_layers(layers, count, batch, target_blocks, slots, plans);
+  int64_t blocks = slots > 0 ? int64_t(slots) * plans[0].grid : 0;
+  for (int i = 0; i < count && slots == 0; ++i) blocks += plans[i].grid;
   return blocks * kPartialSlots * batch * kWarpCols;
 }
 
-int qgemv_counters(const QLayer* layers, int count) {
-  int tiles = 0;
-  for (int i = 0; i < count; ++i) tiles += tiles_of(layers[i]);
+int qgemv_counters(const QLayer* layers, int count, int slots) {
+  int tiles = slots > 0 ? slots * tiles_of(layers[0]) : 0;
+  for (int i = 0; i < count && slots == 0; ++i) tiles += tiles_of(layers[i]);
   return tiles;
 }
 
 cudaError_t qgemv(const GemvInput& in, const QLayer* layers, const GemvOutput* outs, int count, int batch, int dtype,
-                  float* workspace, int* counters, int target_blocks, cudaStream_t stream) {
+                  float* workspace, int* counters, int target_blocks, const GemvRoute* route, cudaStream_t stream) {
   if (batch < 1 || batch > kMaxBatchRows || count < 1 || count > kMaxGemvLayers) return cudaErrorInvalidValue;
+  const int slots = route ? route->slots : 0;
+  if (route && (batch != 1 || slots < 1)) return cudaErrorInvalidValue;
   GemvPlan plans[kMaxGemvLayers];
-  plan_layers(layers, count, batch, target_blocks, plans);
+  plan_layers(layers, count, batch, target_blocks, slots, plans);
   const DeviceInfo device = current_device();
   GemvGroup g{};
   GemvPlan launch{0, 0, 0, 0, 0, false};
@@ -510,20 +539,31 @@ cudaError_t qgemv(const GemvInput& in, const QLayer* layers, const GemvOutput* o
     const QLayer& L = layers[i];
     const GemvOutput& o = outs[i];
     if (L.chunks < 1 || o.max_bits < 2 || o.max_bits > 8) return cudaErrorInvalidValue;
+    if (route && (plans[i].grid != plans[0].grid || tiles_of(L) != tiles_of(layers[0]))) return cudaErrorInvalidValue;
     GemvPlan& p = plans[i];
     fit_device(p, batch, target_blocks, o.max_bits, device);
     g.layers[i] = GemvArgs{L,        in.x,      in.gate,  in.ldx,            o.y,          o.ldy,
                            o.residual, o.bias,  workspace, counters,         p.items_per_block, p.x_slots,
                            p.stages, o.max_bits};
     g.first_block[i] = launch.grid;
-    workspace += int64_t(p.grid) * kPartialSlots * batch * kWarpCols;
-    counters += tiles_of(L);
-    launch.grid += p.grid;
+    if (!route) {  // the layers side by side; routed, every slot's blocks start at the same workspace
+      workspace += int64_t(p.grid) * kPartialSlots * batch * kWarpCols;
+      counters += tiles_of(L);
+      launch.grid += p.grid;
+    }
     launch.shared = std::max(launch.shared, p.shared);
     launch.dependent = p.dependent;
   }
   g.first_block[count] = launch.grid;
   g.count = count;
+  if (route) {
+    const int64_t element = dtype == 2 ? 4 : 2;
+    g.route = route->experts;
+    g.slot_blocks = plans[0].grid;
+    g.x_slot_bytes = route->x_slot_stride * element;
+    g.y_slot_bytes = outs[0].ldy * element;
+    launch.grid = slots * plans[0].grid;
+  }
   switch (dtype) {
     case 0: return launch_gemv_batch<half>(g, launch, batch, stream);
     case 1: return launch_gemv_batch<__nv_bfloat16>(g, launch, batch, stream);

@@ -24,11 +24,12 @@ struct QLayer {
 
 // The GEMV's grid: about `target_blocks` blocks, each an equal run of (column tile, chunk) items
 // (qgemv.cu). Several layers on one input run as one launch, the blocks shared out by the layers'
-// sizes (kMaxGemvLayers at most). Their workspace (partial sums of the column tiles blocks share)
-// and tile counters:
-constexpr int kMaxGemvLayers = 4;
-int64_t qgemv_workspace_floats(const QLayer* layers, int count, int batch, int target_blocks);
-int qgemv_counters(const QLayer* layers, int count);
+// sizes (kMaxGemvLayers at most); or, routed (slots > 0: a mixture of experts), each of `slots`
+// slots runs one of the layers (alternatives of one shape) chosen on the device. The workspace
+// (partial sums of the column tiles blocks share) and tile counters:
+constexpr int kMaxGemvLayers = 8;
+int64_t qgemv_workspace_floats(const QLayer* layers, int count, int batch, int target_blocks, int slots = 0);
+int qgemv_counters(const QLayer* layers, int count, int slots = 0);
 
 // The GEMV's operands, rows of the activations' dtype: for each layer,
 //   y[b, :out] = residual[b] + bias + u[b] Wᵀ,  u = x, or silu(gate) · x where gate is given.
@@ -45,10 +46,20 @@ struct GemvOutput {
   int max_bits;          // the layer's widest chunk (2-8; wider chunks would be cut to it)
 };
 
-// For 1 <= batch <= 8 and 1 <= count <= kMaxGemvLayers layers of the same input size.
-// workspace: qgemv_workspace_floats floats; counters: qgemv_counters ints, zero (left zero).
+// A routed launch (batch 1): slot s runs layer experts[s] (a device int64 [slots], written by the
+// kernel before) on x row s (x + s · x_slot_stride elements; 0: every slot reads the same x, and the
+// gate likewise) and writes output row s (outs[0].y + s · ldy; every layer's output is that tensor).
+struct GemvRoute {
+  const int64_t* experts;
+  int slots;
+  int64_t x_slot_stride;
+};
+
+// For 1 <= batch <= 8 and 1 <= count <= kMaxGemvLayers layers of the same input size; route: nullptr,
+// or a mixture's slots (layers of one shape). workspace: qgemv_workspace_floats floats; counters:
+// qgemv_counters ints, zero (left zero).
 cudaError_t qgemv(const GemvInput& in, const QLayer* layers, const GemvOutput* outs, int count, int batch, int dtype,
-                  float* workspace, int* counters, int target_blocks, cudaStream_t stream);
+                  float* workspace, int* counters, int target_blocks, const GemvRoute* route, cudaStream_t stream);
 
 // Wt[r, c - col_begin] = W[c, r] for columns [col_begin, col_end) (multiples of 4 except col_end
 // may be out), rows in the original input order: Wt is [in, ldw], activations' dtype.
