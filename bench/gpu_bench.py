@@ -369,6 +369,80 @@ def llama3_8b_model(quantized: bool, bpw: float = 4.0):
     return model
 
 
+MIXTRAL_8X7B_LAYERS = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096,
+                       "intermediate_size": 14336, "num_hidden_layers": 8, "num_attention_heads": 32,
+                       "num_key_value_heads": 8, "vocab_size": 32000, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+                       "max_position_embeddings": 4096, "tie_word_embeddings": False, "num_local_experts": 8,
+                       "num_experts_per_tok": 2}
+
+
+def mixtral_model(bpw: float = 4.0):
+    """8 layers of Mixtral-8x7B's shapes (8 experts, top 2) on the GPU, random weights: attention and
+    experts quantized at `bpw`, router, embedding and head float16."""
+    import torch
+    from trimtab.backend.models import mixtral
+
+    c = MIXTRAL_8X7B_LAYERS
+    D, I, E, kv = c["hidden_size"], c["intermediate_size"], c["num_local_experts"], c["num_key_value_heads"] * 128
+    shapes = {"self_attn.q_proj": (D, D), "self_attn.k_proj": (kv, D), "self_attn.v_proj": (kv, D),
+              "self_attn.o_proj": (D, D)}
+    for e in range(E):
+        shapes.update({f"block_sparse_moe.experts.{e}.w1": (I, D), f"block_sparse_moe.experts.{e}.w3": (I, D),
+                       f"block_sparse_moe.experts.{e}.w2": (D, I)})
+    weights = {"model.embed_tokens.weight": torch.randn(c["vocab_size"], D, device="cuda", dtype=torch.half) * 0.02,
+               "lm_head.weight": torch.randn(c["vocab_size"], D, device="cuda", dtype=torch.half) * 0.02,
+               "model.norm.weight": torch.ones(D, device="cuda", dtype=torch.half)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        weights[p + "input_layernorm.weight"] = torch.ones(D, device="cuda", dtype=torch.half)
+        weights[p + "post_attention_layernorm.weight"] = torch.ones(D, device="cuda", dtype=torch.half)
+        weights[p + "block_sparse_moe.gate.weight"] = torch.randn(E, D, device="cuda", dtype=torch.half) * 0.02
+        for name, (out_f, in_f) in shapes.items():
+            weights.update(bench_layer(in_f, out_f, bpw).tensors(p + name))
+    model = mixtral.Model(mixtral.ModelArgs.from_config(c), weights, dtype=torch.float16, device="cuda")
+    del weights
+    torch.cuda.empty_cache()
+    return model
+
+
+def time_moe(results: dict, context: int = 512, eager_tokens: int = 8) -> None:
+    """Mixtral decode: one CUDA graph a token (experts chosen on the GPU, routed GEMVs) against the
+    same model eagerly (experts chosen on the host, op by op), as trimtab ran MoE before."""
+    import torch
+
+    model = mixtral_model()
+    graph = measure_model(model, context, decode_tokens=32)
+    decoder, model.cuda_decoder = model.cuda_decoder, None
+    cache = model.new_cache(1, context + eager_tokens + 8)
+    model.forward(torch.randint(0, model.args.vocab_size, (1, context), device="cuda"), cache)
+    token = 1
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(eager_tokens):
+        token = int(model.forward(torch.tensor([[token]], device="cuda"), cache)[0, -1].argmax())
+    eager = eager_tokens / (time.perf_counter() - start)
+    model.cuda_decoder = decoder
+    c = MIXTRAL_8X7B_LAYERS
+    results["moe"] = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                      "layers": c["num_hidden_layers"], "experts": c["num_local_experts"],
+                      "top_k": c["num_experts_per_tok"], "context": context,
+                      "graph_decode_tok_s": graph["decode_tok_s"], "graph_step_ms": graph["graph_step_ms"],
+                      "eager_decode_tok_s": eager}
+    print(f"moe: {results['moe']}", flush=True)
+
+
+def moe_text(r: dict) -> str:
+    m = r.get("moe")
+    if not m:
+        return ""
+    return (f"\n\nMixture of experts: {m['layers']} layers of Mixtral-8x7B's shapes ({m['experts']} experts, top "
+            f"{m['top_k']}), attention and experts at 4.0 bpw, random weights, batch 1, context {m['context']}, "
+            f"measured on the {m['card']} on {m['date']} (`--parts moe`): decode as one CUDA graph a token, the "
+            f"experts chosen on the GPU and run by routed GEMVs, {m['graph_decode_tok_s']:.1f} tok/s "
+            f"({m['graph_step_ms']:.2f} ms a graph); the same model eagerly (experts chosen on the host, op by "
+            f"op) {m['eager_decode_tok_s']:.1f} tok/s.")
+
+
 def measure_model(model, context: int, decode_tokens: int = 64, fused: bool = True) -> dict:
     """Prefill of `context` tokens (median of 3) and decode tok/s at that context: one graph replay,
     argmax and host sync per token (as ExLlamaV2's test_inference -s measures)."""
@@ -543,7 +617,8 @@ def report(path: Path) -> None:
                 if any("exllamav2_us" in s for s in r.get("shapes", {}).values()) else
                 "ExLlamaV2 was not measured in this run (its JIT build had not finished).")
     body = (
-        f"Card: **{r.get('card')}** (torch {r.get('torch')}); every figure below was measured on it in one run of "
+        f"Card: **{r.get('card')}** (torch {r.get('torch')}); every figure below (the mixture of experts' apart, "
+        f"which names its run) was measured on it in one run of "
         f"`bench/gpu_bench.py` on {r.get('date')} and is rendered here from `bench/results/gpu.json` by "
         "`bench/gpu_bench.py --report` (the machine line above names where the report was rendered, not the card). "
         f"{exl_note}\n\n"
@@ -565,6 +640,7 @@ def report(path: Path) -> None:
         "residual adds and SiLU·up inside the GEMVs; its prefill runs RMSNorm, rotary + cache write and SiLU·up as "
         "trimtab's kernels too; 'torch ops': the same step and prefill through PyTorch ops (SDPA).\n\n"
         + markdown_table(["engine", "decode tok/s", "graph ms / token", "prefill 1024 tok/s"], engine_rows)
+        + moe_text(r)
     )
     if "greedy" in r:
         g = r["greedy"]
@@ -600,7 +676,7 @@ def report(path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--report", type=Path, help="render BENCHMARKS.md from this gpu.json and stop")
-    parser.add_argument("--parts", default="check,gemv,groups,exl2kernel,decode,exllamav2,greedy")
+    parser.add_argument("--parts", default="check,gemv,groups,exl2kernel,decode,moe,exllamav2,greedy")
     parser.add_argument("--quantized", type=Path, default=PEERS / "smollm2_q3",
                         help="a trimtab-quantized dir for the greedy comparison")
     args = parser.parse_args()
@@ -626,6 +702,7 @@ def main() -> None:
     steps = [("check", lambda: results.__setitem__("checks", check_kernels())),
              ("gemv", lambda: time_kernels(results)),
              ("groups", lambda: time_groups(results)),
+             ("moe", lambda: time_moe(results)),
              ("decode", lambda: time_end_to_end(results)),
              ("greedy", lambda: compare_greedy(results, args.quantized)),
              ("exl2kernel", lambda: time_exllamav2_kernels(results)),
