@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from trimtab.backend import cuda_ops, ops
 from trimtab.backend.errors import TrimtabError
 from trimtab.backend.kv_cache import KVCache
-from trimtab.backend.quant.cuda_linear import CudaPackedLinear, gemv, reserve_gemv, routed_gemv, shares_gemv
+from trimtab.backend.quant.cuda_linear import (CudaPackedLinear, gemv, reserve_gemv, routed_gemv, routes_gemv,
+                                               shares_gemv)
 
 
 class CudaGraphDecoder:
@@ -238,7 +239,7 @@ def unsupported(model) -> str | None:
                 f"up to 8 query heads a KV head), not head_dim {attn.head_dim}")
     for layer in model.layers:
         for experts in _expert_groups(layer.mlp):
-            if not shares_gemv(experts) or len({e.out_features for e in experts}) != 1:
+            if not routes_gemv(experts):
                 return (f"the routed GEMV takes 1 to {cuda_ops.MAX_GEMV_LAYERS} quantized experts of one shape "
                         f"a layer; layer {layer.index} has {len(experts)} experts of kinds "
                         f"{sorted({type(e).__name__ for e in experts})}")

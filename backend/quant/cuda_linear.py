@@ -180,6 +180,11 @@ def shares_gemv(linears: Sequence) -> bool:
             and len({(la.device, la.in_features) for la in linears}) == 1)
 
 
+def routes_gemv(experts: Sequence) -> bool:
+    """Whether a routed GEMV can choose among these experts: shares_gemv, and all of one shape."""
+    return shares_gemv(experts) and len({la.out_features for la in experts}) == 1
+
+
 def reserve_gemv(linears: Sequence[CudaPackedLinear], slots: int = 0) -> None:
     """Size the GPU's GEMV workspace and tile counters for these layers as one launch, 1-8 rows, or
     routed over `slots` slots (before a CUDA graph captures it, so that the graph never sees them move)."""
@@ -214,7 +219,7 @@ def routed_gemv(experts: Sequence[CudaPackedLinear], rows: torch.Tensor, route: 
     graph holds it): route int64 [k] (indices into `experts`, layers of one shape) → [k, out], row s
     = experts[route[s]] applied to rows[s] (rows: [k, in]) or to rows[0] (rows: [1, in]); silu(gate)·rows
     given gate (rows' shape)."""
-    if not shares_gemv(experts) or len({la.out_features for la in experts}) != 1:
+    if not routes_gemv(experts):
         raise TrimtabError(f"a routed GEMV runs 1 to {cuda_ops.MAX_GEMV_LAYERS} quantized experts of one shape "
                            f"on one GPU, got {len(experts)}")
     reserve_gemv(experts, slots=route.numel())  # a no-op once reserved
