@@ -233,16 +233,16 @@ def unsupported(model) -> str | None:
         return None
     if not hasattr(mlp, "experts"):
         return "its MLP is neither gated nor a mixture of experts"
-    attn = model.layers[0].self_attn
-    if not cuda_ops.attention_supported(attn.head_dim, attn.num_heads // attn.num_kv_heads):
-        return (f"a mixture of experts runs in the graph with trimtab's attention kernels only (head_dim 64/128/256, "
-                f"up to 8 query heads a KV head), not head_dim {attn.head_dim}")
     for layer in model.layers:
         for experts in _expert_groups(layer.mlp):
             if not routes_gemv(experts):
                 return (f"the routed GEMV takes 1 to {cuda_ops.MAX_GEMV_LAYERS} quantized experts of one shape "
                         f"a layer; layer {layer.index} has {len(experts)} experts of kinds "
                         f"{sorted({type(e).__name__ for e in experts})}")
+    attn = model.layers[0].self_attn
+    if not cuda_ops.attention_supported(attn.head_dim, attn.num_heads // attn.num_kv_heads):
+        return (f"a mixture of experts runs in the graph with trimtab's attention kernels only (head_dim 64/128/256, "
+                f"up to 8 query heads a KV head), not head_dim {attn.head_dim}")
     return None
 
 

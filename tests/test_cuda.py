@@ -219,6 +219,24 @@ def test_moe_graph_step_matches_eager(dtype):
         token = int(reference.argmax())
 
 
+def test_graph_decoder_says_which_mixtures_it_cannot_run():
+    """A mixture of experts whose experts are not all quantized (here float, on the CPU) is named as
+    the reason, before any CUDA kernel is needed; a model neither gated nor MoE is refused too."""
+    from types import SimpleNamespace
+
+    from trimtab.backend.cuda_decode import unsupported
+    from trimtab.backend.models.base import Linear
+
+    experts = [(Linear(torch.zeros(4, 8)), Linear(torch.zeros(4, 8)), Linear(torch.zeros(8, 4))) for _ in range(3)]
+    layer = SimpleNamespace(index=0, mlp=SimpleNamespace(experts=experts, top_k=2), self_attn=None)
+    reason = unsupported(SimpleNamespace(layers=[layer]))
+    assert "quantized experts of one shape" in reason and "layer 0 has 3 experts" in reason
+    plain = SimpleNamespace(layers=[SimpleNamespace(mlp=object())])
+    assert "neither gated nor a mixture of experts" in unsupported(plain)
+    gated = SimpleNamespace(layers=[SimpleNamespace(mlp=SimpleNamespace(gate_proj=None))])
+    assert unsupported(gated) is None
+
+
 @needs_cuda
 def test_gemv_rejects_bad_groups():
     from trimtab.backend.errors import TrimtabError
