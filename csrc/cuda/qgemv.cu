@@ -8,7 +8,9 @@
 // it computes (the thread that copies 16 bytes is the one that reads them: no barrier). A tile a
 // block holds whole is written directly; a tile shared between blocks is summed by the last of them
 // to finish, from per-block partial sums, in block order (deterministic). Several layers reading the
-// same x (q, k, v; gate, up) run as one launch: consecutive ranges of blocks, one range per layer.
+// same x (q, k, v; gate, up) run as one launch: consecutive ranges of blocks, one range per layer. A
+// routed launch (a mixture of experts) gives each of its slots one layer's worth of blocks, the layer
+// (expert) read from a device-side route written by the kernel before.
 #include <algorithm>
 
 #include "dependent_launch.cuh"
