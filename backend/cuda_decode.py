@@ -31,8 +31,7 @@ import torch.nn.functional as F
 from trimtab.backend import cuda_ops, ops
 from trimtab.backend.errors import TrimtabError
 from trimtab.backend.kv_cache import KVCache
-from trimtab.backend.quant.cuda_linear import (CudaPackedLinear, gemv, reserve_gemv, routed_gemv, routes_gemv,
-                                               shares_gemv)
+from trimtab.backend.quant.cuda_linear import CudaPackedLinear, gemv, routed_gemv, routes_gemv, shares_gemv
 
 
 class CudaGraphDecoder:
@@ -133,14 +132,7 @@ class CudaGraphDecoder:
         # warm-up and capture write keys/values of a dummy token into slot cache.length, which the
         # next real step rewrites before anything attends to it
         self.position.fill_(cache.length)
-        if self.fused:
-            for layer in self.model.layers:
-                for group in _shared_input_groups(layer):
-                    if shares_gemv(group):
-                        reserve_gemv(group)
-                if not _is_gated(layer.mlp):
-                    for experts in _expert_groups(layer.mlp):
-                        reserve_gemv(experts, slots=layer.mlp.top_k)
+        if self.fused:  # the GEMVs reserve their workspace in the warm-up, before the capture
             attn = self.model.layers[0].self_attn
             self.first_slot = cache.pad[:1]
             self.attention_workspace = torch.empty(
@@ -169,7 +161,7 @@ class CudaGraphDecoder:
             attn = layer.self_attn
             h = _rms_norm(x, layer.input_layernorm, fused=True)
             keys, values = cache.keys[layer.index], cache.values[layer.index]  # [1, H_kv, T, hd]
-            qkv = _shared_input_groups(layer)[0]
+            qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
             q = cuda_ops.rotary_kv(*_projections(qkv, h), keys, values, self.position, rope.inv_freq,
                                    rope.attention_scaling, attn.head_dim, rotary_dim).view(1, -1)  # [1, H·hd]
             out = cuda_ops.decode_attention(q, keys, values, self.position, self.first_slot,
@@ -268,13 +260,6 @@ def _routed_experts(moe, h: torch.Tensor) -> torch.Tensor:
     gate, up = routed_gemv(gates, h, route), routed_gemv(ups, h, route)     # [k, I]
     y = routed_gemv(downs, up, route, gate=gate)                           # [k, D]: down(silu(gate)·up)
     return (y * weights.view(-1, 1)).sum(dim=0, keepdim=True)
-
-
-def _shared_input_groups(layer) -> tuple[tuple, ...]:
-    """The layer's projections that read the same input: (q, k, v) and, in a gated MLP, (gate, up)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
-    return (qkv, (mlp.gate_proj, mlp.up_proj)) if _is_gated(mlp) else (qkv,)
 
 
 def _projections(linears, h: torch.Tensor) -> list[torch.Tensor]:

@@ -264,14 +264,13 @@ def time_groups(results: dict) -> None:
     """A layer's projections on one input (Llama-3-8B shapes, 4.0 bpw): one GEMV launch each against
     one launch for all (what the decode step runs); and the prefill's dequantize kernel's bandwidth."""
     import torch
-    from trimtab.backend.quant.cuda_linear import CudaPackedLinear, gemv, reserve_gemv
+    from trimtab.backend.quant.cuda_linear import CudaPackedLinear, gemv
 
     groups = results.setdefault("groups", {})
     for name, shapes in GROUPS.items():
         x = torch.randn(1, shapes[0][0], dtype=torch.half, device="cuda")
         copies = [[CudaPackedLinear(bench_layer(k, n, 4.0), None, "cuda", torch.float16) for k, n in shapes]
                   for _ in range(COPIES)]
-        reserve_gemv(copies[0])
         separate = [lambda i=i: [linear.gemv(x) for linear in copies[i % COPIES]] for i in range(CALLS_PER_GRAPH)]
         together = [lambda i=i: gemv(copies[i % COPIES], x) for i in range(CALLS_PER_GRAPH)]
         groups[name] = {"separate_us": time_graph(torch, separate) * 1e6,

@@ -8,6 +8,7 @@ into the GPU layout (docs/CUDA.md) and run by the CUDA kernels (csrc/cuda/, back
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,11 +62,12 @@ def plan_chunks(layer: QuantizedLinear) -> ChunkPlan:
 
 class SplitKWorkspace:
     """One workspace (partial sums of column tiles that GEMV blocks share) and tile counters per GPU,
-    shared by every layer (kernels on one stream run one at a time). Layers reserve what they need at
-    load, so a captured CUDA graph never sees it move; a graph keeps its own references (tensors())
-    alive."""
+    shared by every layer (kernels on one stream run one at a time). Layers reserve what they need
+    before they run (reserve_gemv), so a CUDA graph's capture never sees it move. A larger
+    reservation replaces the pair but keeps the old one alive: a graph captured earlier still uses it."""
 
     _per_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+    _replaced: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @classmethod
     def reserve(cls, device: torch.device, floats: int, counters: int) -> None:
@@ -73,6 +75,8 @@ class SplitKWorkspace:
         if workspace is None or workspace.numel() < floats or tiles.numel() < counters:
             floats = max(floats, 0 if workspace is None else workspace.numel())
             counters = max(counters, 0 if tiles is None else tiles.numel())
+            if workspace is not None:
+                cls._replaced.append((workspace, tiles))
             cls._per_device[device] = (torch.empty(floats, dtype=torch.float32, device=device),
                                        torch.zeros(counters, dtype=torch.int32, device=device))
 
@@ -111,6 +115,7 @@ class CudaPackedLinear(PackedLinear):
             self.blocks_per_multiprocessor = type(self).blocks_per_multiprocessor
             self.gemv_layer = cuda_ops.GemvLayer(self.words, self.scale_min, self.meta, self.xmap, self.bias,
                                                  self.out_features, self.max_bits)
+            self.reserved_launches: set[tuple] = set()   # reserve_gemv's groups led by this layer
             reserve_gemv([self])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,13 +192,19 @@ def routes_gemv(experts: Sequence) -> bool:
 
 def reserve_gemv(linears: Sequence[CudaPackedLinear], slots: int = 0) -> None:
     """Size the GPU's GEMV workspace and tile counters for these layers as one launch, 1-8 rows, or
-    routed over `slots` slots (before a CUDA graph captures it, so that the graph never sees them move)."""
-    first, layers = linears[0], [la.gemv_layer for la in linears]
+    routed over `slots` slots; once per group and grid (reservations only grow), remembered by its first
+    layer."""
+    first = linears[0]
+    key = (tuple(weakref.ref(la) for la in linears), slots, first.target_blocks())  # no cycle keeps layers alive
+    if key in first.reserved_launches:
+        return
+    layers = [la.gemv_layer for la in linears]
     SplitKWorkspace.reserve(
         first.device,
         max(cuda_ops.qgemv_workspace(layers, rows, first.target_blocks(), slots)
             for rows in range(1, GEMV_MAX_ROWS + 1)),
         cuda_ops.qgemv_counters(layers, slots))
+    first.reserved_launches.add(key)
 
 
 def gemv(linears: Sequence[CudaPackedLinear], rows: torch.Tensor, gate: torch.Tensor | None = None,
@@ -205,12 +216,7 @@ def gemv(linears: Sequence[CudaPackedLinear], rows: torch.Tensor, gate: torch.Te
                            f"on one GPU, got {len(linears)}")
     if residual is not None and len(linears) > 1:
         raise TrimtabError("a GEMV adds a residual to a single layer's output only")
-    if len(linears) > 1:  # a no-op once reserved (a single layer reserved its own at load)
-        reserve_gemv(linears)
-    first = linears[0]
-    workspace, counters = SplitKWorkspace.tensors(first.device)
-    return cuda_ops.qgemv(rows, first.in_features, [la.gemv_layer for la in linears], workspace, counters,
-                          first.target_blocks(), gate, residual)
+    return _launch(linears, rows, gate, residual)
 
 
 def routed_gemv(experts: Sequence[CudaPackedLinear], rows: torch.Tensor, route: torch.Tensor,
@@ -222,8 +228,13 @@ def routed_gemv(experts: Sequence[CudaPackedLinear], rows: torch.Tensor, route: 
     if not routes_gemv(experts):
         raise TrimtabError(f"a routed GEMV runs 1 to {cuda_ops.MAX_GEMV_LAYERS} quantized experts of one shape "
                            f"on one GPU, got {len(experts)}")
-    reserve_gemv(experts, slots=route.numel())  # a no-op once reserved
-    first = experts[0]
+    return _launch(experts, rows, gate, None, route)[0]
+
+
+def _launch(linears, rows, gate, residual, route=None) -> list[torch.Tensor]:
+    """The checked GEMV or routed GEMV as one launch, its workspace reserved first."""
+    reserve_gemv(linears, slots=0 if route is None else route.numel())
+    first = linears[0]
     workspace, counters = SplitKWorkspace.tensors(first.device)
-    return cuda_ops.qgemv(rows, first.in_features, [la.gemv_layer for la in experts], workspace, counters,
-                          first.target_blocks(), gate, None, route)[0]
+    return cuda_ops.qgemv(rows, first.in_features, [la.gemv_layer for la in linears], workspace, counters,
+                          first.target_blocks(), gate, residual, route)
