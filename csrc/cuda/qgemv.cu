@@ -23,7 +23,11 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kStageBytes = 32 * 1024;         // staged x per block
-constexpr int kStageBytesPerChunkRow = kChunkRows * 2 + 2 * 4;  // 32 halves + scale and sum
+// x is staged as int8 per (row, chunk), in kXTerms terms: x ≈ scale·(hi + lo/kLowSteps), hi and lo int8 (hi
+// alone is the CPU int8 kernel's quantization: largest |x| → 127; lo carries its rounding, 1/254 finer)
+constexpr int kXTerms = 2;
+constexpr int kLowSteps = 254;
+constexpr int kStageBytesPerChunkRow = kXTerms * kChunkRows + 3 * 4;  // the terms + scale, sum, integer sum
 constexpr int kMinStages = 2, kMaxStages = 4;  // chunks a warp has in its ring
 constexpr int kPartialSlots = 2;               // a block shares at most its first and last tile
 
@@ -58,13 +62,14 @@ __host__ __device__ inline int tiles_of(const QLayer& L) { return L.out_pad / kW
 
 // Where a block's shared memory goes (bytes), for NB rows of x.
 struct SharedLayout {
-  int meta, xs, xscale, xsum, ring, red, total;
+  int meta, xq, xscale, xsum, xqsum, ring, red, total;
   __host__ __device__ SharedLayout(int nb, int x_slots, int stages, int max_bits) {
     meta = 0;                                            // int4 [x_slots]
-    xs = meta + x_slots * 16;                            // half2 [nb, x_slots, 16]
-    xscale = xs + nb * x_slots * kPairs * 4;             // float [nb, x_slots]
+    xq = meta + x_slots * 16;                            // int8 [nb, kXTerms, x_slots, 32]
+    xscale = xq + nb * kXTerms * x_slots * kChunkRows;   // float [nb, x_slots]
     xsum = xscale + nb * x_slots * 4;                    // float [nb, x_slots]
-    ring = align16(xsum + nb * x_slots * 4);             // uint4 [warps, stages, max_bits + 1, 32]
+    xqsum = xsum + nb * x_slots * 4;                     // int [nb, x_slots]
+    ring = align16(xqsum + nb * x_slots * 4);            // uint4 [warps, stages, max_bits + 1, 32]
     red = ring + kWarps * stages * slot_bytes(max_bits);  // float [warps, nb, 128]
     total = red + kWarps * nb * kWarpCols * 4;
   }
@@ -84,9 +89,16 @@ __device__ __forceinline__ void cp_async_wait_all_but(int pending) {
 }
 
 // ---- staging x --------------------------------------------------------------------------------
-// x goes to shared memory as float16 pairs (x[t], x[t + 16]) per chunk, scaled by a power of two per
-// (row, chunk) so that |x| < 1 (float16 sums of 16 products stay far from overflow), with each
-// (row, chunk)'s scale and exact float sum. One warp stages one chunk: lane = row within it.
+// x goes to shared memory as int8 per (row, chunk) in row order (4 rows a word, as the weights' quads),
+// in kXTerms terms, with each (row, chunk)'s scale, exact float sum and the sum of its integers (for
+// the centring). One warp stages one chunk: lane = row within it.
+
+struct StagedX {  // views of the block's shared memory
+  int8_t* q;      // [nb, kXTerms, x_slots, 32]
+  float* scale;   // [nb, x_slots]: x ≈ scale · (kLowSteps·hi + lo) (kXTerms = 2), scale · hi (1)
+  float* sum;     // [nb, x_slots]: Σ x
+  int* qsum;      // [nb, x_slots]: Σ of the integers scale multiplies
+};
 
 // x rows of `chunk` as this lane's values (0 in padding or for chunk < 0); silu(gate)·x if gated
 template <typename T, int NB>
@@ -107,8 +119,7 @@ __device__ __forceinline__ void load_chunk_x(const GemvArgs& a, int chunk, float
 }
 
 template <int NB>
-__device__ __forceinline__ void store_chunk_x(const float (&v)[NB], int slot, int x_slots, half2* xs, float* xscale,
-                                              float* xsum) {
+__device__ __forceinline__ void store_chunk_x(const float (&v)[NB], int slot, int x_slots, const StagedX& xs) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int b = 0; b < NB; ++b) {
@@ -118,15 +129,21 @@ __device__ __forceinline__ void store_chunk_x(const float (&v)[NB], int slot, in
       amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
       sum += __shfl_xor_sync(0xffffffffu, sum, o);
     }
-    // amax < 2^e with e = E − 126 (E: amax's exponent field); 2^-e and 2^e made from their bits
-    const int e_field = min(int(__float_as_uint(amax) >> 23), 252);
-    const float down = __uint_as_float(uint32_t(253 - e_field) << 23);
-    const float up = __uint_as_float(uint32_t(e_field + 1) << 23);
-    half* pairs = reinterpret_cast<half*>(xs + (b * x_slots + slot) * kPairs);
-    pairs[(lane & 15) * 2 + (lane >> 4)] = __float2half_rn(v[b] * down);
+    const float scale = amax / 127.0f, inverse = scale > 0.0f ? 1.0f / scale : 0.0f;  // as the CPU's int8 kernel
+    const float scaled = v[b] * inverse, hi = rintf(scaled);
+    int8_t* q = xs.q + (b * kXTerms * x_slots + slot) * kChunkRows + lane;
+    q[0] = int8_t(hi);
+    int value = int(hi);
+    if constexpr (kXTerms == 2) {
+      const int lo = int(rintf((scaled - hi) * kLowSteps));  // scaled − hi is exact, in [−½, ½]
+      q[x_slots * kChunkRows] = int8_t(lo);
+      value = value * kLowSteps + lo;
+    }
+    const int qsum = __reduce_add_sync(0xffffffffu, value);
     if (lane == 0) {
-      xscale[b * x_slots + slot] = up;
-      xsum[b * x_slots + slot] = sum;
+      xs.scale[b * x_slots + slot] = kXTerms == 2 ? scale / kLowSteps : scale;
+      xs.sum[b * x_slots + slot] = sum;
+      xs.qsum[b * x_slots + slot] = qsum;
     }
   }
 }
@@ -134,7 +151,7 @@ __device__ __forceinline__ void store_chunk_x(const float (&v)[NB], int slot, in
 // Slots s = warp, warp + 8, ... hold chunk (first + s) mod chunks; loads go out `passes` at a time
 // so that staging costs a few memory latencies rather than one per chunk.
 template <typename T, int NB>
-__device__ void stage_x(const GemvArgs& a, int first, half2* xs, float* xscale, float* xsum) {
+__device__ void stage_x(const GemvArgs& a, int first, const StagedX& xs) {
   constexpr int passes = NB <= 2 ? 8 : NB <= 4 ? 4 : 2;
   const int warp = threadIdx.x / 32, chunks = a.layer.chunks;
   for (int s0 = warp; s0 < a.x_slots; s0 += passes * kWarps) {
@@ -146,19 +163,26 @@ __device__ void stage_x(const GemvArgs& a, int first, half2* xs, float* xscale, 
     }
 #pragma unroll
     for (int p = 0; p < passes; ++p)
-      if (s0 + p * kWarps < a.x_slots) store_chunk_x<NB>(v[p], s0 + p * kWarps, a.x_slots, xs, xscale, xsum);
+      if (s0 + p * kWarps < a.x_slots) store_chunk_x<NB>(v[p], s0 + p * kWarps, a.x_slots, xs);
   }
 }
 
 // ---- one chunk ------------------------------------------------------------------------------------
 
+__device__ __forceinline__ int dp4a(uint32_t q, uint32_t x, int acc) {  // Σ of 4 unsigned q bytes × 4 int8 x
+  int d;
+  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(q), "r"(x), "r"(acc));
+  return d;
+}
+
 // One chunk from this thread's ring slot (`words`: row k is word row k of its 4 columns, row
-// max_bits their group's half2 (scale, min) ×4): float16 dot products of the centred q with the
-// staged x, then in float32 acc += scale·xscale·dot + (min + 2^(b-1)·scale)·Σx (the second term
-// restores centring and minimum).
+// max_bits their group's half2 (scale, min) ×4): integer dot products of q with the staged x
+// terms, quad by quad (dp4a), centred exactly in integers (Σ (q − 2^(b−1))·x = Σ q·x − 2^(b−1)·Σ x);
+// then in float32 acc += scale·xscale·dot + (min + 2^(b−1)·scale)·Σx (the second term restores
+// the centring and the minimum with x's exact sum).
 template <int NB, int BITS>
-__device__ __forceinline__ void gemv_chunk(const uint4* words, int max_bits, int slot, int x_slots, const half2* xs,
-                                           const float* xscale, const float* xsum, float (&acc)[NB][4]) {
+__device__ __forceinline__ void gemv_chunk(const uint4* words, int max_bits, int slot, int x_slots, const StagedX& xs,
+                                           float (&acc)[NB][4]) {
   uint32_t w[4][BITS];
 #pragma unroll
   for (int k = 0; k < BITS; ++k) {
@@ -168,44 +192,46 @@ __device__ __forceinline__ void gemv_chunk(const uint4* words, int max_bits, int
     w[2][k] = v.z;
     w[3][k] = v.w;
   }
-  half2 dot[NB][4];
+  int dot[NB][kXTerms][4] = {};
+  uint4 xv[NB][kXTerms];  // staged x of quads v .. v + 3
+  static_for<kQuads>([&](auto quad) {
+    constexpr int v = decltype(quad)::value;
+    if constexpr (v % 4 == 0) {
 #pragma unroll
-  for (int b = 0; b < NB; ++b)
+      for (int b = 0; b < NB; ++b)
 #pragma unroll
-    for (int c = 0; c < 4; ++c) dot[b][c] = __float2half2_rn(0.0f);
-  uint4 xv[NB];  // staged x of pairs t .. t + 3
-  static_for<kPairs>([&](auto pair) {
-    constexpr int t = decltype(pair)::value;
-    if constexpr (t % 4 == 0) {
-#pragma unroll
-      for (int b = 0; b < NB; ++b) xv[b] = *reinterpret_cast<const uint4*>(xs + (b * x_slots + slot) * kPairs + t);
+        for (int t = 0; t < kXTerms; ++t)
+          xv[b][t] = *reinterpret_cast<const uint4*>(xs.q + ((b * kXTerms + t) * x_slots + slot) * kChunkRows + 4 * v);
     }
-    half2 q[4];
+    uint32_t q[4];
 #pragma unroll
-    for (int c = 0; c < 4; ++c) q[c] = centred_pair<BITS, t>(w[c]);
+    for (int c = 0; c < 4; ++c) q[c] = quad_bytes<BITS, v>(w[c]);
 #pragma unroll
-    for (int b = 0; b < NB; ++b) {
-      const uint32_t xw = t % 4 == 0 ? xv[b].x : t % 4 == 1 ? xv[b].y : t % 4 == 2 ? xv[b].z : xv[b].w;
-      const half2 x2 = *reinterpret_cast<const half2*>(&xw);
+    for (int b = 0; b < NB; ++b)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) dot[b][c] = __hfma2(x2, q[c], dot[b][c]);
-    }
+      for (int t = 0; t < kXTerms; ++t) {
+        const uint32_t x4 = v % 4 == 0 ? xv[b][t].x : v % 4 == 1 ? xv[b][t].y : v % 4 == 2 ? xv[b][t].z : xv[b][t].w;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) dot[b][t][c] = dp4a(q[c], x4, dot[b][t][c]);
+      }
   });
   const uint4 sm4 = words[max_bits * 32];
   const half2* sm = reinterpret_cast<const half2*>(&sm4);
+  constexpr int centre = 1 << (BITS - 1);
   float scale[4], offset[4];
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
     scale[c] = __low2float(sm[c]);
-    offset[c] = __high2float(sm[c]) + scale[c] * float(1 << (BITS - 1));
+    offset[c] = __high2float(sm[c]) + scale[c] * float(centre);
   }
 #pragma unroll
   for (int b = 0; b < NB; ++b) {
-    const float xsc = xscale[b * x_slots + slot], x_sum = xsum[b * x_slots + slot];
+    const float xsc = xs.scale[b * x_slots + slot], x_sum = xs.sum[b * x_slots + slot];
+    const int centring = centre * xs.qsum[b * x_slots + slot];
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      const float2 d = __half22float2(dot[b][c]);
-      acc[b][c] = fmaf(scale[c] * xsc, d.x + d.y, fmaf(offset[c], x_sum, acc[b][c]));
+      const int d = (kXTerms == 2 ? dot[b][0][c] * kLowSteps + dot[b][1][c] : dot[b][0][c]) - centring;
+      acc[b][c] = fmaf(scale[c] * xsc, float(d), fmaf(offset[c], x_sum, acc[b][c]));
     }
   }
 }
@@ -360,9 +386,8 @@ __global__ void __launch_bounds__(kThreads, NB > 2 ? 1 : 4) qgemv_kernel(const _
   if (blk.begin >= blk.end) return;
   const SharedLayout at(NB, a.x_slots, a.stages, a.max_bits);
   int4* meta = reinterpret_cast<int4*>(smem + at.meta);
-  half2* xs = reinterpret_cast<half2*>(smem + at.xs);
-  float* xscale = reinterpret_cast<float*>(smem + at.xscale);
-  float* xsum = reinterpret_cast<float*>(smem + at.xsum);
+  const StagedX xs{reinterpret_cast<int8_t*>(smem + at.xq), reinterpret_cast<float*>(smem + at.xscale),
+                   reinterpret_cast<float*>(smem + at.xsum), reinterpret_cast<int*>(smem + at.xqsum)};
   const int slot_uint4s = SharedLayout::slot_bytes(a.max_bits) / 16;
   uint4* ring = reinterpret_cast<uint4*>(smem + at.ring) + size_t(warp) * a.stages * slot_uint4s + lane;
   float* red = reinterpret_cast<float*>(smem + at.red);
@@ -383,7 +408,7 @@ __global__ void __launch_bounds__(kThreads, NB > 2 ? 1 : 4) qgemv_kernel(const _
     cp_async_commit();
   }
   grid_dependency_wait();
-  stage_x<T, NB>(a, blk.first_chunk, xs, xscale, xsum);
+  stage_x<T, NB>(a, blk.first_chunk, xs);
   __syncthreads();
 
   // 4. tile by tile: request a chunk stages - 1 ahead, compute the oldest
@@ -404,7 +429,7 @@ __global__ void __launch_bounds__(kThreads, NB > 2 ? 1 : 4) qgemv_kernel(const _
       const int slot = blk.slot_of(cur.chunk, chunks);
       const uint4* mine = ring + (k % a.stages) * slot_uint4s;
       with_width(meta[slot].y, [&](auto width) {
-        gemv_chunk<NB, decltype(width)::bits>(mine, a.max_bits, slot, a.x_slots, xs, xscale, xsum, acc);
+        gemv_chunk<NB, decltype(width)::bits>(mine, a.max_bits, slot, a.x_slots, xs, acc);
       });
     }
     finish_tile<T, NB>(a, blk, tile, acc, red);

@@ -15,11 +15,15 @@ constexpr int kThreads = kWarps * 32;
 
 __device__ __forceinline__ uint32_t bits16(half v) { return __half_as_ushort(v); }
 __device__ __forceinline__ uint32_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+template <typename T>
+__device__ __forceinline__ uint2 packed4(const T (&v)[4]) {  // 4 two-byte values
+  return make_uint2(bits16(v[0]) | bits16(v[1]) << 16, bits16(v[2]) | bits16(v[3]) << 16);
+}
 
-// Rows t and t + 16 of 4 columns each in two neighbouring lanes (columns 8i..8i+3 and 8i+4..8i+7),
-// as 4 two-byte values in a uint2 each: stored as 16 bytes a lane, the even lane writing row t's 8
-// columns, the odd lane row t + 16's (half the store instructions of 8-byte stores). A null row is
-// not written (padding).
+// Two rows of 4 columns each in two neighbouring lanes (columns 8i..8i+3 and 8i+4..8i+7), as 4
+// two-byte values in a uint2 each: stored as 16 bytes a lane, the even lane writing the first row's
+// 8 columns, the odd lane the second's (half the store instructions of 8-byte stores). A null row
+// is not written (padding).
 template <typename T>
 __device__ __forceinline__ void store_pair_wide(uint2 lo, uint2 hi, T* row_lo, T* row_hi, int col) {
   const bool odd = threadIdx.x & 1;
@@ -28,6 +32,11 @@ __device__ __forceinline__ void store_pair_wide(uint2 lo, uint2 hi, T* row_lo, T
   const uint4 piece = odd ? make_uint4(got.x, got.y, own.x, own.y) : make_uint4(own.x, own.y, got.x, got.y);
   T* row = odd ? row_hi : row_lo;
   if (row != nullptr) *reinterpret_cast<uint4*>(row + (col & ~7)) = piece;
+}
+
+// Byte j of `bytes` as a float: placed under the exponent of 2^23 (whose mantissa step is 1), less 2^23.
+__device__ __forceinline__ float byte_value(uint32_t bytes, int j) {
+  return __uint_as_float(__byte_perm(bytes, 0x4B000000u, 0x7440 + j)) - 8388608.0f;
 }
 
 template <typename T, int BITS, bool WIDE>
@@ -52,40 +61,37 @@ __device__ __forceinline__ void dequant_chunk(const QLayer& L, int4 m, int chunk
     scale[c] = __low2float(sm[c]);
     mn[c] = __high2float(sm[c]);
   }
-  constexpr float centre = float(1 << (BITS - 1));
-  static_for<kPairs>([&](auto pair) {
-    constexpr int t = decltype(pair)::value;
-    float2 q[4];
+  static_for<kQuads>([&](auto quad) {
+    constexpr int v = decltype(quad)::value;
+    T value[4][4];  // [row 4v + j][column]: W = q·scale + min
 #pragma unroll
-    for (int c = 0; c < 4; ++c) q[c] = __half22float2(centred_pair<BITS, t>(w[c]));
+    for (int c = 0; c < 4; ++c) {
+      const uint32_t q = quad_bytes<BITS, v>(w[c]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) value[j][c] = Io<T>::store(fmaf(byte_value(q, j), scale[c], mn[c]));
+    }
+    int dst[4];  // the rows' places in the original input order, -1: padding
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int row = chunk * kChunkRows + 4 * v + j;
+      dst[j] = L.xmap ? __ldg(L.xmap + row) : row;
+    }
     if constexpr (WIDE) {
-      uint32_t lo[4], hi[4];  // the 4 columns' two-byte values of rows t and t + 16
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        lo[c] = bits16(Io<T>::store(fmaf(q[c].x + centre, scale[c], mn[c])));
-        hi[c] = bits16(Io<T>::store(fmaf(q[c].y + centre, scale[c], mn[c])));
-      }
-      const int row = chunk * kChunkRows + t;
-      const int dst_lo = L.xmap ? __ldg(L.xmap + row) : row, dst_hi = L.xmap ? __ldg(L.xmap + row + 16) : row + 16;
-      store_pair_wide(make_uint2(lo[0] | lo[1] << 16, lo[2] | lo[3] << 16),
-                      make_uint2(hi[0] | hi[1] << 16, hi[2] | hi[3] << 16),
-                      dst_lo < 0 ? nullptr : wt + dst_lo * ldw, dst_hi < 0 ? nullptr : wt + dst_hi * ldw, col);
+      for (int j = 0; j < 4; j += 2)
+        store_pair_wide(packed4(value[j]), packed4(value[j + 1]), dst[j] < 0 ? nullptr : wt + dst[j] * ldw,
+                        dst[j + 1] < 0 ? nullptr : wt + dst[j + 1] * ldw, col);
     } else {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = chunk * kChunkRows + t + 16 * h;
-        const int dst = L.xmap ? __ldg(L.xmap + row) : row;
-        if (dst < 0) continue;
-        T v[4];
-#pragma unroll
-        for (int c = 0; c < 4; ++c) v[c] = Io<T>::store(fmaf((h ? q[c].y : q[c].x) + centre, scale[c], mn[c]));
-        T* out = wt + dst * ldw + col;
+      for (int j = 0; j < 4; ++j) {
+        if (dst[j] < 0) continue;
+        T* out = wt + dst[j] * ldw + col;
         if (ncols >= 4 && sizeof(T) == 2) {
-          *reinterpret_cast<uint2*>(out) = *reinterpret_cast<const uint2*>(v);
+          *reinterpret_cast<uint2*>(out) = *reinterpret_cast<const uint2*>(value[j]);
         } else if (ncols >= 4) {
-          *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(v);
+          *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(value[j]);
         } else {
-          for (int c = 0; c < ncols; ++c) out[c] = v[c];
+          for (int c = 0; c < ncols; ++c) out[c] = value[j][c];
         }
       }
     }
@@ -131,9 +137,9 @@ __global__ void qrepack_kernel(const int32_t* qweight, int out, const int4* repa
     uint64_t two = uint32_t(qweight[word * out + col]);
     if (shift + bits > 32) two |= uint64_t(uint32_t(qweight[(word + 1) * out + col])) << 32;
     const uint32_t q = uint32_t(two >> shift) & ((1u << bits) - 1u);
-    const int t = i % kPairs, half_ = i / kPairs;
-    planes[plane_word(lo, t)] |= (q & ((1u << lo) - 1u)) << (plane_shift(lo, t) + 16 * half_);
-    if (hi > 0) planes[lo + plane_word(hi, t)] |= (q >> lo) << (plane_shift(hi, t) + 16 * half_);
+    const int quad = i / 4, byte = 8 * (i % 4);
+    planes[plane_word(lo, quad)] |= (q & ((1u << lo) - 1u)) << (plane_shift(lo, quad) + byte);
+    if (hi > 0) planes[lo + plane_word(hi, quad)] |= (q >> lo) << (plane_shift(hi, quad) + byte);
   }
   const int word_row = meta[chunk].x;
   for (int k = 0; k < bits; ++k) {
