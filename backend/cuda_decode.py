@@ -8,11 +8,13 @@ Op by op, a decode step is about 36 kernels a layer (RMSNorm, the q/k/v/o and ML
 the KV write, SDPA, casts and adds); launched one by one from Python that costs more host time than
 the GPU needs for the weights (docs/CUDA.md), so the whole step is captured once into a CUDA graph
 and replayed per token. Where trimtab's decode kernels serve the model (head_dim 64/128/256, up to 8
-query heads per KV head) and its projections are quantized, a layer is 9 kernels: RMSNorm, one GEMV
-for q, k and v, rotary + KV write, attention split over the cache (flash-decoding, 2 kernels), the o
-GEMV adding the residual, RMSNorm, one GEMV for gate and up, and the down GEMV that takes
-silu(gate)·up as its input and adds the residual (float projections: cuBLAS one at a time, and torch
-ops for SiLU and the adds). A mixture of experts (Mixtral) chooses its top-k experts on the GPU
+query heads per KV head) and its projections are quantized, a layer is 6 kernels: one GEMV for q, k
+and v that stages RMSNorm(x)·weight as its input, rotary + KV write, attention split over the cache
+(flash-decoding, 2 kernels), the o GEMV adding the residual, one GEMV for gate and up (the norm
+again inside), and the down GEMV that takes silu(gate)·up as its input and adds the residual. The o
+and down GEMVs write the residual stream's Σ x² per 128 columns as they store it, which is all the
+next norm needs (layer 0's norm, and a float head's, are trimtab's RMSNorm kernel; float
+projections: cuBLAS one at a time, and torch ops for SiLU and the adds). A mixture of experts (Mixtral) chooses its top-k experts on the GPU
 (router, softmax, top-k) and runs them as three routed GEMVs, each reading the chosen experts'
 indices from device memory, so the choice needs no host sync and stays in the graph. The graph
 reads the token and the
@@ -31,7 +33,8 @@ import torch.nn.functional as F
 from trimtab.backend import cuda_ops, ops
 from trimtab.backend.errors import TrimtabError
 from trimtab.backend.kv_cache import KVCache
-from trimtab.backend.quant.cuda_linear import CudaPackedLinear, gemv, routed_gemv, routes_gemv, shares_gemv
+from trimtab.backend.quant.cuda_linear import (CudaPackedLinear, RowNorm, gemv, routed_gemv, routes_gemv,
+                                               shares_gemv, statistics_shape)
 
 
 class CudaGraphDecoder:
@@ -153,29 +156,29 @@ class CudaGraphDecoder:
         return self._fused_step_ops(cache) if self.fused else self._torch_step_ops(cache)
 
     def _fused_step_ops(self, cache: KVCache) -> torch.Tensor:
-        """The step through trimtab's decode kernels: 9 launches a layer (module docstring)."""
+        """The step through trimtab's decode kernels: 6 launches a layer (module docstring)."""
         m = self.model
         rope, rotary_dim = m.rope, m.args.rotary_dim
         x = m.embed(self.token).view(1, -1)                                 # [1, D]
+        stats = None                        # x's Σ x² per 128 columns, where the GEMV that made x wrote them
         for layer in m.layers:
             attn = layer.self_attn
-            h = _rms_norm(x, layer.input_layernorm, fused=True)
             keys, values = cache.keys[layer.index], cache.values[layer.index]  # [1, H_kv, T, hd]
-            qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
-            q = cuda_ops.rotary_kv(*_projections(qkv, h), keys, values, self.position, rope.inv_freq,
+            qkv = _normed_projections((attn.q_proj, attn.k_proj, attn.v_proj), x, layer.input_layernorm, stats)
+            q = cuda_ops.rotary_kv(*qkv, keys, values, self.position, rope.inv_freq,
                                    rope.attention_scaling, attn.head_dim, rotary_dim).view(1, -1)  # [1, H·hd]
             out = cuda_ops.decode_attention(q, keys, values, self.position, self.first_slot,
                                             self.attention_workspace, attn.head_dim ** -0.5,
                                             layer.sliding_window or 0)
-            x = _projection_plus(attn.o_proj, out, x, m.tp)
-            h = _rms_norm(x, layer.post_attention_layernorm, fused=True)
+            x, stats = _projection_plus(attn.o_proj, out, x, m.tp)
             mlp = layer.mlp
             if _is_gated(mlp):
-                gate, up = _projections((mlp.gate_proj, mlp.up_proj), h)
-                x = _projection_plus(mlp.down_proj, up, x, m.tp, gate=gate)
+                gate, up = _normed_projections((mlp.gate_proj, mlp.up_proj), x, layer.post_attention_layernorm, stats)
+                x, stats = _projection_plus(mlp.down_proj, up, x, m.tp, gate=gate)
             else:
-                x = x + m.tp.all_reduce(_routed_experts(mlp, h))
-        return m.lm_head(_rms_norm(x, m.norm, fused=True)).float().view(-1)                # [V]
+                h = _rms_norm(x, layer.post_attention_layernorm, fused=True)
+                x, stats = x + m.tp.all_reduce(_routed_experts(mlp, h)), None
+        return _normed_projections((m.lm_head,), x, m.norm, stats)[0].float().view(-1)     # [V]
 
     def _torch_step_ops(self, cache: KVCache) -> torch.Tensor:
         m = self.model
@@ -267,14 +270,25 @@ def _projections(linears, h: torch.Tensor) -> list[torch.Tensor]:
     return gemv(linears, h) if shares_gemv(linears) else [linear(h) for linear in linears]
 
 
+def _normed_projections(linears, x: torch.Tensor, norm, stats: torch.Tensor | None) -> list[torch.Tensor]:
+    """RMSNorm(x)·weight Wᵀ for each layer: the norm inside one GEMV launch where x's statistics came
+    with it (stats) and the layers share a GEMV, else trimtab's RMSNorm kernel, then the projections."""
+    if stats is not None and shares_gemv(linears):
+        return gemv(linears, x, norm=RowNorm(norm.weight, norm.eps, stats))
+    return _projections(linears, _rms_norm(x, norm, fused=True))
+
+
 def _projection_plus(linear, x: torch.Tensor, residual: torch.Tensor, tp, gate: torch.Tensor | None = None):
-    """residual + Σ_ranks linear(u), u = x or silu(gate)·x: the activation inside the GEMV where the
-    layer is quantized, the residual add too where the layer is also whole (no all-reduce between)."""
+    """(residual + Σ_ranks linear(u), its statistics or None), u = x or silu(gate)·x: the activation
+    inside the GEMV where the layer is quantized; where it is also whole (no all-reduce between), the
+    residual add too, and the GEMV writes the sum's Σ y² per 128 columns for the next RMSNorm."""
     if not isinstance(linear, CudaPackedLinear):
-        return residual + tp.all_reduce(linear(x if gate is None else F.silu(gate) * x))
+        return residual + tp.all_reduce(linear(x if gate is None else F.silu(gate) * x)), None
     if tp.active:
-        return residual + tp.all_reduce(linear.gemv(x, gate=gate))
-    return linear.gemv(x, gate=gate, residual=residual)
+        return residual + tp.all_reduce(linear.gemv(x, gate=gate)), None
+    stats = torch.empty(statistics_shape(residual.shape[0], linear.out_features), dtype=torch.float32,
+                        device=x.device)
+    return linear.gemv(x, gate=gate, residual=residual, sumsq=stats), stats
 
 
 def _rms_norm(x: torch.Tensor, norm, fused: bool = False) -> torch.Tensor:

@@ -6,6 +6,7 @@
     layer = cuda_ops.GemvLayer(words, scale_min, meta, xmap, bias, out, max_bits)
     y, = cuda_ops.qgemv(x, in_features, [layer], workspace, counters, target_blocks,
                         gate=None, residual=None)              # y = residual + bias + (silu(gate)·x) Wᵀ
+    y, = cuda_ops.qgemv(..., norm=RowNorm(weight, eps, stats), sumsq=out_stats)  # RMSNorm(x)·w Wᵀ; Σ y²
     cuda_ops.qdequantize_t(wt, words, scale_min, meta, xmap, out, col_begin, col_end)
     y = cuda_ops.rms_norm(x, weight, eps)                                       # decode and prefill
     u = cuda_ops.silu_mul(gate, up)
@@ -37,7 +38,7 @@ import torch
 from .errors import TrimtabError
 from .ops import OnceBuilt, _build_root, _first_error_line, as_trimtab_error
 
-__all__ = ["available", "load_extension", "qrepack", "MAX_GEMV_LAYERS", "GemvLayer", "qgemv", "qgemv_workspace",
+__all__ = ["available", "load_extension", "qrepack", "MAX_GEMV_LAYERS", "GemvLayer", "RowNorm", "qgemv", "qgemv_workspace",
            "qgemv_counters", "qdequantize_t", "multiprocessor_count", "rms_norm", "silu_mul", "rotary_kv",
            "decode_attention", "attention_workspace", "attention_supported"]
 
@@ -69,19 +70,31 @@ class GemvLayer(NamedTuple):
     max_bits: int                  # the layer's widest chunk
 
 
+class RowNorm(NamedTuple):
+    """An RMSNorm the GEMV applies to x as it stages it (weight · round(x / rms(x)), as HF rounds it),
+    from x's statistics as a GEMV given `sumsq` wrote them: the norm costs no kernel of its own."""
+    weight: torch.Tensor           # [in], x's dtype
+    eps: float
+    sumsq: torch.Tensor            # float32 [rows, ceil(in / 128)]: Σ x² per 128 columns
+
+
 def qgemv(x, in_features: int, layers: list[GemvLayer], workspace, counters, target_blocks: int, gate=None,
-          residual=None, route=None) -> list[torch.Tensor]:
+          residual=None, route=None, norm: RowNorm | None = None, sumsq=None) -> list[torch.Tensor]:
     """x: [batch <= 8, in] → for each layer [batch, out] in x's dtype (float16, bfloat16 or float32):
     residual + bias + u Wᵀ with u = x, or silu(gate)·x given gate (x's shape). Up to 8 layers on the
     same x run as one launch, about `target_blocks` equal blocks shared out by their sizes; a residual
     only for a single layer. Given route (int64 [slots] of indices into layers, on the device: a
     mixture of experts' choice, layers of one shape): one output [slots, out], row s from layer
-    route[s] on x row s (x of `slots` rows) or on x's one row."""
+    route[s] on x row s (x of `slots` rows) or on x's one row. Given norm (no gate, no route), u is
+    RMSNorm(x)·norm.weight; given sumsq (float32 [batch, ceil(out / 128)], one layer), Σ y² of each
+    row's outputs per 128 columns is written there: the next norm's statistics."""
     load_extension()
     words, scale_min, meta, xmap, bias, out, max_bits = (list(field) for field in zip(*layers))
+    norm_sumsq, norm_weight, eps = (None, None, 0.0) if norm is None else (norm.sumsq, norm.weight, norm.eps)
     with _as_trimtab_error():
         return torch.ops.trimtab_cuda.qgemv(x, in_features, words, scale_min, meta, xmap, bias, out, workspace,
-                                            counters, target_blocks, max_bits, gate, residual, route)
+                                            counters, target_blocks, max_bits, gate, residual, route, norm_sumsq,
+                                            norm_weight, eps, sumsq)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -230,13 +230,14 @@ def time_kernels(results: dict) -> None:
     for name, (k, n) in SHAPES.items():
         row = shapes.setdefault(name, {})
         x = torch.randn(1, k, dtype=torch.half, device="cuda")
-        default_blocks = CudaPackedLinear.blocks_per_multiprocessor
-        for label, bpw, blocks in (("trimtab", 4.0, default_blocks), ("trimtab_4bit", 4.25, default_blocks),
-                                   ("trimtab_1_block_per_sm", 4.0, 1), ("trimtab_4_blocks_per_sm", 4.0, 4)):
+        default_grid = CudaPackedLinear.blocks_per_multiprocessor, CudaPackedLinear.large_blocks_per_multiprocessor
+        for label, bpw, grid in (("trimtab", 4.0, default_grid), ("trimtab_4bit", 4.25, default_grid),
+                                 ("trimtab_2_blocks_per_sm", 4.0, (2, 2)), ("trimtab_4_blocks_per_sm", 4.0, (4, 4))):
             layers = [bench_layer(k, n, bpw) for _ in range(COPIES)]
-            CudaPackedLinear.blocks_per_multiprocessor = blocks  # the GEMV grid (docs/CUDA.md)
+            # the GEMV grid (docs/CUDA.md): blocks per multiprocessor for small and for large layers
+            CudaPackedLinear.blocks_per_multiprocessor, CudaPackedLinear.large_blocks_per_multiprocessor = grid
             linears = [CudaPackedLinear(layer, None, "cuda", torch.float16) for layer in layers]
-            CudaPackedLinear.blocks_per_multiprocessor = default_blocks
+            CudaPackedLinear.blocks_per_multiprocessor, CudaPackedLinear.large_blocks_per_multiprocessor = default_grid
             bytes_read = linears[0].words.numel() * 4 + linears[0].scale_min.numel() * 2
             calls = [lambda i=i: linears[i % COPIES].gemv(x) for i in range(CALLS_PER_GRAPH)]
             row[f"{label}_us"] = time_graph(torch, calls) * 1e6
@@ -601,7 +602,7 @@ def report(path: Path) -> None:
     for name, s in r.get("shapes", {}).items():
         t, e, f = s.get("trimtab_us"), s.get("exllamav2_us"), s.get("fp16_us")
         rows.append([name, fmt(t, ".1f"), f"{s['trimtab_tbps'] / copy:.0%}", fmt(s.get("trimtab_4bit_us"), ".1f"),
-                     fmt(s.get("trimtab_1_block_per_sm_us"), ".1f"), fmt(s.get("trimtab_4_blocks_per_sm_us"), ".1f"),
+                     fmt(s.get("trimtab_2_blocks_per_sm_us"), ".1f"), fmt(s.get("trimtab_4_blocks_per_sm_us"), ".1f"),
                      fmt(e, ".1f"), ratio(e, t), fmt(f, ".1f"), ratio(f, t)])
     d, p = r.get("decode_tok_s", {}), r.get("prefill_1024_tok_s", {})
     e2e = r.get("end_to_end", {})
@@ -625,18 +626,20 @@ def report(path: Path) -> None:
         "engine timed the same way (a CUDA graph of 100 calls rotating over 8 weight copies so that L2 cannot help, "
         "median of 5); shapes in×out. trimtab at 4.0 bpw counts every stored bit (a quarter of the groups 3-bit, "
         "the rest 4-bit, an fp16 scale and min per group of 128 rows and column); '4-bit' is every group 4-bit "
-        "(4.25 bpw); trimtab cuts the (column tile, chunk) items into 2 equal blocks per multiprocessor; the two "
-        "columns after it cut them into 1 and 4 blocks per multiprocessor. "
+        "(4.25 bpw); trimtab cuts the (column tile, chunk) items into equal blocks, 2 per multiprocessor, or 4 for "
+        "layers large enough to give each block 24 items (the large shapes here); the two columns after it cut "
+        "every shape into 2 and into 4 blocks per multiprocessor. "
         "'% copy' is the bytes trimtab reads per second over the copy bandwidth.\n\n"
-        + markdown_table(["shape", "trimtab 4.0 bpw µs", "% copy", "4-bit µs", "1 block/SM µs", "4 blocks/SM µs",
+        + markdown_table(["shape", "trimtab 4.0 bpw µs", "% copy", "4-bit µs", "2 blocks/SM µs", "4 blocks/SM µs",
                           "ExLlamaV2 µs", "ExLlamaV2 / trimtab", "fp16 cuBLAS µs", "fp16 / trimtab"], rows)
         + groups_text(r, copy)
         + "\n\nLlama-3-8B shapes (32 layers, hidden 4096, MLP 14336, 8 KV heads, vocab 128256), random weights, "
         "batch 1, float16 activations. Decode at context 1024: one CUDA graph replay per token "
         "(`backend/cuda_decode.py`), argmax and a host sync per token; 'graph ms' is the graph alone. Prefill: 1024 "
-        "tokens in one chunk. trimtab's body at 4.0 bpw, its head 6-bit. 'trimtab's decode kernels': RMSNorm, "
-        "rotary + KV write and split attention as one kernel each, q, k, v one GEMV launch and gate, up another, the "
-        "residual adds and SiLU·up inside the GEMVs; its prefill runs RMSNorm, rotary + cache write and SiLU·up as "
+        "tokens in one chunk. trimtab's body at 4.0 bpw, its head 6-bit. 'trimtab's decode kernels': rotary + KV "
+        "write and split attention as one kernel each, q, k, v one GEMV launch and gate, up another, the RMSNorms, "
+        "residual adds and SiLU·up inside the GEMVs (the o and down GEMVs hand the next norm its statistics); "
+        "its prefill runs RMSNorm, rotary + cache write and SiLU·up as "
         "trimtab's kernels too; 'torch ops': the same step and prefill through PyTorch ops (SDPA).\n\n"
         + markdown_table(["engine", "decode tok/s", "graph ms / token", "prefill 1024 tok/s"], engine_rows)
         + moe_text(r)

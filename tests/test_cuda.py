@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from trimtab.backend import cuda_ops
 from trimtab.backend.quant import format as qformat
 from trimtab.backend.quant.cuda_linear import plan_chunks
 
@@ -249,6 +250,53 @@ def test_gemv_rejects_bad_groups():
         gemv(linears, x)
     with pytest.raises(TrimtabError, match="single layer"):
         gemv(linears[:2], x, residual=torch.zeros(1, 128, device="cuda").half())
+    stats = torch.zeros(1, 2, device="cuda")
+    norm = cuda_ops.RowNorm(torch.ones(256, device="cuda").half(), 1e-5, stats)
+    with pytest.raises(TrimtabError, match="not both"):
+        gemv(linears[:2], x, gate=x, norm=norm)
+    with pytest.raises(TrimtabError, match=r"statistics must be a contiguous float32 \[1, 2\]"):
+        gemv(linears[:2], x, norm=norm._replace(sumsq=torch.zeros(1, 3, device="cuda")))
+    with pytest.raises(TrimtabError, match="weight must be a contiguous"):
+        gemv(linears[:2], x, norm=norm._replace(weight=torch.ones(255, device="cuda").half()))
+    with pytest.raises(TrimtabError, match="single layer"):
+        gemv(linears[:2], x, sumsq=torch.zeros(1, 1, device="cuda"))
+    with pytest.raises(TrimtabError, match=r"sumsq must be a contiguous float32 \[1, 1\]"):
+        linears[0].gemv(x, sumsq=stats)
+
+
+@needs_cuda
+@pytest.mark.parametrize("blocks", [1, 3, 40])
+@pytest.mark.parametrize("batch", [1, 2, 8])
+def test_gemv_writes_the_statistics_of_its_output(blocks, batch):
+    """sumsq: Σ y² per 128 columns of the stored output (tiles held whole, tiles summed by the last of
+    the blocks sharing them, a ragged last tile) — what the next RMSNorm needs."""
+    from trimtab.backend.quant.cuda_linear import CudaPackedLinear, row_statistics
+
+    linear = CudaPackedLinear(random_layer(1000, 333, [2, 3, 4, 5, 6, 8], 128, perm=True, seed=blocks), None,
+                              "cuda", torch.bfloat16)
+    linear.target_blocks = lambda: blocks
+    x = torch.randn(batch, 1000, device="cuda").bfloat16()
+    residual = torch.randn(batch, 333, device="cuda").bfloat16()
+    sumsq = torch.full((batch, 3), float("nan"), device="cuda")
+    y = linear.gemv(x, residual=residual, sumsq=sumsq)
+    torch.testing.assert_close(sumsq, row_statistics(y), rtol=1e-5, atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gemv_norms_its_input_from_statistics(dtype, batch):
+    """gemv(..., norm=RowNorm(weight, eps, stats)) stages HF RMSNorm(x)·weight from x's Σ x² per 128
+    columns: as the RMSNorm kernel and then the GEMV, for layers of any widths and act-order."""
+    from trimtab.backend.quant.cuda_linear import CudaPackedLinear, RowNorm, gemv, row_statistics
+
+    linears = [CudaPackedLinear(random_layer(1000, out, [2, 3, 4, 5, 6, 8], 128, perm=True, seed=out), None,
+                                "cuda", dtype) for out in (333, 130)]
+    x = (torch.randn(batch, 1000, device="cuda") * 3).to(dtype)
+    weight = (1 + 0.1 * torch.randn(1000, device="cuda")).to(dtype)
+    normed = gemv(linears, x, norm=RowNorm(weight, 1e-5, row_statistics(x)))
+    for got, want in zip(normed, gemv(linears, cuda_ops.rms_norm(x, weight, 1e-5))):
+        assert float((got.double() - want.double()).norm() / want.double().norm()) < 1e-3
 
 
 def small_llama(quantized: bool, dtype, head_dim: int = 64, window: int | None = None):

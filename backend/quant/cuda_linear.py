@@ -5,6 +5,8 @@ into the GPU layout (docs/CUDA.md) and run by the CUDA kernels (csrc/cuda/, back
     y = linear(x)     # x: [..., in] → [..., out] in x's dtype; up to 8 rows: the GEMV on the packed
                       # words; more rows: columns dequantized into a slice in the activations' dtype + cuBLAS
     q, k, v = gemv([q_proj, k_proj, v_proj], h)   # layers on one input (1-8 rows) as one GEMV launch
+    stats = row_statistics(x)                     # or: o_proj.gemv(..., sumsq=stats) writes them for its y
+    q, k, v = gemv(qkv, x, norm=RowNorm(input_layernorm.weight, eps, stats))   # RMSNorm inside the GEMV
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ TILE_COLUMNS = 128          # the GPU layout stores W tile by tile, 128 output c
 GEMV_MAX_ROWS = 8           # the GEMV kernel's batch limit; above it, dequantize + matmul
 SLICE_ELEMENTS = 64 << 20   # the largest dequantized column slice (128 MB in float16)
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+RowNorm = cuda_ops.RowNorm  # an RMSNorm inside the GEMV (gemv's norm)
 
 
 @dataclass(frozen=True)
@@ -89,8 +92,11 @@ class CudaPackedLinear(PackedLinear):
     """y = x Wᵀ + b on the GPU layout. Activations float16, bfloat16 or float32 (others computed in float16)."""
 
     # The GEMV's grid (docs/CUDA.md; bench/gpu_bench.py measures it): the (column tile, chunk) items
-    # cut into this many equal blocks per multiprocessor.
+    # cut into this many equal blocks per multiprocessor, or into large_blocks_per_multiprocessor where
+    # that still gives every block LARGE_LAYER_ITEMS items (3 chunks a warp: shallower rings, more of them).
     blocks_per_multiprocessor: int = 2
+    large_blocks_per_multiprocessor: int = 4
+    LARGE_LAYER_ITEMS = 24
 
     def __init__(self, layer: QuantizedLinear, bias: torch.Tensor | None, device, dtype: torch.dtype):
         self.device = torch.device(device)
@@ -113,6 +119,8 @@ class CudaPackedLinear(PackedLinear):
             self.bias = None if bias is None else bias.to(device=self.device, dtype=torch.float32).contiguous()
             self.multiprocessors = cuda_ops.multiprocessor_count(self.words)
             self.blocks_per_multiprocessor = type(self).blocks_per_multiprocessor
+            self.large_blocks_per_multiprocessor = type(self).large_blocks_per_multiprocessor
+            self.gemv_items = tiles * int(plan.meta.shape[0])                            # (tile, chunk) items
             self.gemv_layer = cuda_ops.GemvLayer(self.words, self.scale_min, self.meta, self.xmap, self.bias,
                                                  self.out_features, self.max_bits)
             self.reserved_launches: set[tuple] = set()   # reserve_gemv's groups led by this layer
@@ -133,14 +141,18 @@ class CudaPackedLinear(PackedLinear):
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def target_blocks(self) -> int:
-        """The GEMV grid's target size."""
+        """The GEMV grid's target size (for a launch of several layers: its first layer's)."""
+        large = self.large_blocks_per_multiprocessor * self.multiprocessors
+        if self.gemv_items >= self.LARGE_LAYER_ITEMS * large:
+            return large
         return self.blocks_per_multiprocessor * self.multiprocessors
 
-    def gemv(self, rows: torch.Tensor, gate: torch.Tensor | None = None,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
+    def gemv(self, rows: torch.Tensor, gate: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+             norm: RowNorm | None = None, sumsq: torch.Tensor | None = None) -> torch.Tensor:
         """rows: [1-8, in] float16/bfloat16/float32 → [rows, out]: residual + b + u Wᵀ, where u is rows,
-        or silu(gate)·rows given gate (rows' shape and strides) — the decode step's fusions."""
-        return gemv([self], rows, gate, residual)[0]
+        silu(gate)·rows given gate (rows' shape and strides) or RMSNorm(rows)·weight given norm; Σ y² per
+        128 columns into sumsq (row_statistics' shape) — the decode step's fusions."""
+        return gemv([self], rows, gate, residual, norm, sumsq)[0]
 
     def dequantized_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         """rows: [n, in] → [n, out]: W's columns dequantized a slice at a time, then cuBLAS."""
@@ -208,15 +220,48 @@ def reserve_gemv(linears: Sequence[CudaPackedLinear], slots: int = 0) -> None:
 
 
 def gemv(linears: Sequence[CudaPackedLinear], rows: torch.Tensor, gate: torch.Tensor | None = None,
-         residual: torch.Tensor | None = None) -> list[torch.Tensor]:
+         residual: torch.Tensor | None = None, norm: RowNorm | None = None,
+         sumsq: torch.Tensor | None = None) -> list[torch.Tensor]:
     """rows: [1-8, in] → [rows, out] for each layer (shares_gemv), one launch: residual + b + u Wᵀ with
-    u = rows, or silu(gate)·rows given gate (rows' shape and strides); a residual for one layer only."""
+    u = rows, silu(gate)·rows given gate (rows' shape and strides), or RMSNorm(rows)·norm.weight given
+    norm (its statistics from row_statistics or a GEMV's sumsq); a residual, and sumsq (Σ y² per 128
+    columns written for the next norm, row_statistics' shape), for one layer only."""
     if not shares_gemv(linears):
         raise TrimtabError(f"one GEMV launch runs 1 to {cuda_ops.MAX_GEMV_LAYERS} quantized layers of one input size "
                            f"on one GPU, got {len(linears)}")
-    if residual is not None and len(linears) > 1:
-        raise TrimtabError("a GEMV adds a residual to a single layer's output only")
-    return _launch(linears, rows, gate, residual)
+    if (residual is not None or sumsq is not None) and len(linears) > 1:
+        raise TrimtabError("a GEMV adds a residual, and writes Σ y², for a single layer's output only")
+    if norm is not None:
+        if gate is not None:
+            raise TrimtabError("a GEMV's input is silu(gate)·x or RMSNorm(x), not both")
+        _check_statistics(norm.sumsq, rows, "the norm's statistics")
+        if norm.weight.shape != (rows.shape[-1],) or norm.weight.dtype != rows.dtype or not norm.weight.is_contiguous():
+            raise TrimtabError(f"the norm's weight must be a contiguous [{rows.shape[-1]}] tensor of the input's "
+                               f"dtype, got {list(norm.weight.shape)} {norm.weight.dtype}")
+    if sumsq is not None:
+        _check_statistics(sumsq, rows, "sumsq", linears[0].out_features)
+    return _launch(linears, rows, gate, residual, norm=norm, sumsq=sumsq)
+
+
+def statistics_shape(rows: int, features: int) -> tuple[int, int]:
+    """The shape of a [rows, features] tensor's statistics (row_statistics): Σ x² per 128 columns."""
+    return rows, -(-features // TILE_COLUMNS)
+
+
+def row_statistics(x: torch.Tensor) -> torch.Tensor:
+    """x: [rows, features] → float32 statistics_shape: Σ x² per 128 columns (zero-padded), what a GEMV's
+    RowNorm takes (a GEMV given sumsq writes them for its own output)."""
+    rows, features = x.shape
+    padded = F.pad(x.float(), (0, -features % TILE_COLUMNS))
+    return padded.square().view(rows, -1, TILE_COLUMNS).sum(dim=-1)
+
+
+def _check_statistics(t: torch.Tensor, rows: torch.Tensor, name: str, features: int | None = None) -> None:
+    """t must hold row_statistics of a [rows, features] tensor (features: rows' own by default)."""
+    want = list(statistics_shape(rows.shape[0], rows.shape[-1] if features is None else features))
+    if list(t.shape) != want or t.dtype != torch.float32 or not t.is_contiguous() or t.device != rows.device:
+        raise TrimtabError(f"{name} must be a contiguous float32 {want} tensor on {rows.device} (Σ x² per "
+                           f"{TILE_COLUMNS} columns), got {list(t.shape)} {t.dtype} on {t.device}")
 
 
 def routed_gemv(experts: Sequence[CudaPackedLinear], rows: torch.Tensor, route: torch.Tensor,
@@ -231,10 +276,10 @@ def routed_gemv(experts: Sequence[CudaPackedLinear], rows: torch.Tensor, route: 
     return _launch(experts, rows, gate, None, route)[0]
 
 
-def _launch(linears, rows, gate, residual, route=None) -> list[torch.Tensor]:
+def _launch(linears, rows, gate, residual, route=None, norm=None, sumsq=None) -> list[torch.Tensor]:
     """The checked GEMV or routed GEMV as one launch, its workspace reserved first."""
     reserve_gemv(linears, slots=0 if route is None else route.numel())
     first = linears[0]
     workspace, counters = SplitKWorkspace.tensors(first.device)
     return cuda_ops.qgemv(rows, first.in_features, [la.gemv_layer for la in linears], workspace, counters,
-                          first.target_blocks(), gate, residual, route)
+                          first.target_blocks(), gate, residual, route, norm, sumsq)

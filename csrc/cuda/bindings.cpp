@@ -76,6 +76,14 @@ void check_rows(const Tensor& t, const Tensor& x, int64_t rows, int64_t cols, co
            t.sizes(), " ", t.scalar_type());
 }
 
+// Row statistics of a norm (Σ x² per 128 columns): float32 [rows, parts], contiguous, on x's device.
+void check_statistics(const Tensor& t, const Tensor& x, int64_t rows, int64_t parts, const char* name, const char* op) {
+  TT_CHECK(t.is_cuda() && t.device() == x.device() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+               t.dim() == 2 && t.size(0) == rows && t.size(1) == parts,
+           op, name, " must be a contiguous float32 [", rows, ", ", parts, "] tensor on x's device, got ", t.sizes(),
+           " ", t.scalar_type());
+}
+
 using OptionalTensors = c10::List<c10::optional<Tensor>>;
 
 bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
@@ -97,14 +105,18 @@ std::vector<QLayer> layers_of(at::TensorList words, at::TensorList scale_min, at
 
 // x: [batch, in] (rows may be strided, columns contiguous) → for each layer y: [batch, out] in x's
 // dtype: y = residual + bias + u Wᵀ with u = x, or silu(gate)·x where gate is given (gate: x's shape
-// and strides). All layers run as one launch; a residual only for a single layer. Given a route
+// and strides), or RMSNorm(x)·norm_weight from x's statistics norm_sumsq (float32 [batch, ceil(in /
+// 128)]: Σ x² per 128 columns, as a GEMV's `sumsq` writes them for its output; a single layer given
+// `sumsq` writes them). All layers run as one launch; a residual only for a single layer. Given a route
 // (int64 [slots] of layer indices on x's device; the layers alternatives of one shape): one output
 // [slots, out] whose row s is layer route[s] applied to x row s (x of `slots` rows) or to x's only row.
 std::vector<Tensor> qgemv(const Tensor& x, int64_t in_features, at::TensorList words, at::TensorList scale_min,
                           at::TensorList meta, const OptionalTensors& xmap, const OptionalTensors& bias,
                           at::IntArrayRef out, Tensor workspace, Tensor counters, int64_t target_blocks,
                           at::IntArrayRef max_bits, const c10::optional<Tensor>& gate,
-                          const c10::optional<Tensor>& residual, const c10::optional<Tensor>& route) {
+                          const c10::optional<Tensor>& residual, const c10::optional<Tensor>& route,
+                          const c10::optional<Tensor>& norm_sumsq, const c10::optional<Tensor>& norm_weight,
+                          double norm_eps, const c10::optional<Tensor>& sumsq) {
   const char* op = "qgemv";
   c10::cuda::CUDAGuard guard(x.device());
   const std::vector<QLayer> layers = layers_of(words, scale_min, meta, &xmap, out, op);
@@ -143,6 +155,17 @@ std::vector<Tensor> qgemv(const Tensor& x, int64_t in_features, at::TensorList w
     TT_CHECK(gate->stride(0) == x.stride(0), op, "gate's rows must be as far apart as x's");
   }
   TT_CHECK(!residual.has_value() || count == 1, op, "a residual is added to a single layer's output only");
+  const int64_t in_parts = (in_features + 127) / 128, out_parts = (out[0] + 127) / 128;
+  if (norm_sumsq.has_value()) {
+    TT_CHECK(!gate.has_value() && slots == 0, op, "an RMSNorm'd input takes no gate and no route");
+    check_statistics(*norm_sumsq, x, batch, in_parts, "norm_sumsq", op);
+    TT_CHECK(norm_weight.has_value(), op, "norm_weight must come with norm_sumsq");
+    check_rows(norm_weight->view({1, -1}), x, 1, in_features, "norm_weight", op);
+  }
+  if (sumsq.has_value()) {
+    TT_CHECK(count == 1 && slots == 0, op, "Σ y² is written for a single layer's output only");
+    check_statistics(*sumsq, x, batch, out_parts, "sumsq", op);
+  }
   if (residual.has_value()) check_rows(*residual, x, batch, out[0], "residual", op);
   const Tensor res = residual.has_value() ? residual->contiguous() : Tensor();
   std::vector<Tensor> ys;
@@ -155,9 +178,13 @@ std::vector<Tensor> qgemv(const Tensor& x, int64_t in_features, at::TensorList w
                "bias must be a contiguous CUDA float32 [", out[i], "] tensor");
     if (slots == 0 || i == 0) ys.push_back(at::empty({slots > 0 ? slots : batch, out[i]}, x.options()));
     outs.push_back({ys.back().data_ptr(), res.defined() ? res.data_ptr() : nullptr, ys.back().stride(0),
-                    b.has_value() ? b->data_ptr<float>() : nullptr, int(max_bits[i])});
+                    b.has_value() ? b->data_ptr<float>() : nullptr, int(max_bits[i]),
+                    sumsq.has_value() ? sumsq->data_ptr<float>() : nullptr});
   }
-  const trimtab_cuda::GemvInput in{x.data_ptr(), gate.has_value() ? gate->data_ptr() : nullptr, x.stride(0)};
+  const trimtab_cuda::RowNorm norm{norm_sumsq.has_value() ? norm_sumsq->data_ptr<float>() : nullptr,
+                                   norm_sumsq.has_value() ? norm_weight->data_ptr() : nullptr, float(norm_eps),
+                                   int(in_features)};
+  const trimtab_cuda::GemvInput in{x.data_ptr(), gate.has_value() ? gate->data_ptr() : nullptr, x.stride(0), norm};
   const trimtab_cuda::GemvRoute routing{slots > 0 ? route->data_ptr<int64_t>() : nullptr, slots,
                                         batch == 1 ? 0 : x.stride(0)};
   check_cuda(trimtab_cuda::qgemv(in, layers.data(), outs.data(), count, rows, code, workspace.data_ptr<float>(),
@@ -338,7 +365,8 @@ bool attention_supported(int64_t head_dim, int64_t group) {
 TORCH_LIBRARY(trimtab_cuda, m) {
   m.def("qgemv(Tensor x, int in_features, Tensor[] words, Tensor[] scale_min, Tensor[] meta, Tensor?[] xmap, "
         "Tensor?[] bias, int[] out, Tensor(a!) workspace, Tensor(b!) counters, int target_blocks, int[] max_bits, "
-        "Tensor? gate=None, Tensor? residual=None, Tensor? route=None) -> Tensor[]", &qgemv);
+        "Tensor? gate=None, Tensor? residual=None, Tensor? route=None, Tensor? norm_sumsq=None, "
+        "Tensor? norm_weight=None, float norm_eps=0.0, Tensor? sumsq=None) -> Tensor[]", &qgemv);
   m.def("qgemv_workspace(Tensor[] words, Tensor[] scale_min, Tensor[] meta, int[] out, int batch, "
         "int target_blocks, int slots=0) -> int", &qgemv_workspace);
   m.def("multiprocessor_count(Tensor on) -> int", &multiprocessor_count);

@@ -18,17 +18,6 @@
 namespace trimtab_cuda {
 namespace {
 
-template <typename T>
-__device__ __forceinline__ float round_trip(float v) {  // v rounded to T, as a PyTorch op would store it
-  return Io<T>::load(Io<T>::store(v));
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -73,10 +62,10 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const T* x, cons
 #pragma unroll
   for (int k = 0; k < kNormPerThread; ++k) {
     const int i = threadIdx.x + k * kNormThreads;
-    if (i < dim) out[i] = Io<T>::store(w[k] * round_trip<T>(v[k] * inv));
+    if (i < dim) out[i] = rms_normed<T>(v[k], inv, w[k]);
   }
   for (int i = threadIdx.x + kNormPerThread * kNormThreads; i < dim; i += kNormThreads)
-    out[i] = Io<T>::store(Io<T>::load(weight[i]) * round_trip<T>(Io<T>::load(row[i]) * inv));
+    out[i] = rms_normed<T>(Io<T>::load(row[i]), inv, Io<T>::load(weight[i]));
 }
 
 // ---- rotary + KV cache write: one block per (per_block heads, token), query heads first ---------

@@ -1,5 +1,6 @@
 // The GEMV on the GPU layout (qlinear_layout.cuh, docs/CUDA.md): y = x Wᵀ (+ bias, + residual) for
-// 1-8 rows of x, optionally on silu(gate)·x.
+// 1-8 rows of x, optionally on silu(gate)·x or on RMSNorm(x)·weight (from Σ x² a GEMV before wrote
+// per 128 columns: optionally, each tile's Σ y² is written for the next norm).
 //
 // Work is the list of (column tile, chunk) items, tile by tile; a grid of about `target_blocks`
 // blocks cuts it into equal consecutive runs (stream-K), so every block reads the same number of
@@ -33,19 +34,13 @@ constexpr int kPartialSlots = 2;               // a block shares at most its fir
 
 struct GemvArgs {  // one layer's share of a launch
   QLayer layer;
-  const void* x;
-  const void* gate;      // nullptr, or [batch, in] rows ldx apart: the input is silu(gate)·x
-  int64_t ldx;
-  void* y;
-  int64_t ldy;
-  const void* residual;  // nullptr, or [batch, out] rows ldy apart, added to the output
-  const float* bias;
+  GemvInput in;          // x, and what makes the input from it: a gate, or an RMSNorm
+  GemvOutput out;        // y, its residual and bias, the layer's widest chunk; Σ y² for the next norm
   float* workspace;      // [blocks, kPartialSlots, batch, 128] partial sums of shared tiles
   int* counters;         // [tiles] blocks done with a shared tile (reset by the last)
   int items_per_block;   // (tile, chunk) items; the last block may have fewer
   int x_slots;           // chunks of x a block stages: min(items_per_block, chunks)
-  int stages;            // ring depth, kMinStages..kMaxStages
-  int max_bits;          // the layer's widest chunk: a ring slot holds max_bits word rows + scales
+  int stages;            // ring depth, kMinStages..kMaxStages; a ring slot holds max_bits word rows + scales
 };
 
 struct GemvGroup {  // a launch: layer i takes blocks [first_block[i], first_block[i + 1]); or routed:
@@ -100,21 +95,46 @@ struct StagedX {  // views of the block's shared memory
   int* qsum;      // [nb, x_slots]: Σ of the integers scale multiplies
 };
 
-// x rows of `chunk` as this lane's values (0 in padding or for chunk < 0); silu(gate)·x if gated
+// x rows of `chunk` as this lane's values (0 in padding or for chunk < 0), and what they are finished
+// with (finish_chunk_x): the gate's values, or the norm's weight
 template <typename T, int NB>
-__device__ __forceinline__ void load_chunk_x(const GemvArgs& a, int chunk, float (&v)[NB]) {
+__device__ __forceinline__ void load_chunk_x(const GemvArgs& a, int chunk, float (&v)[NB], float (&with)[NB]) {
   const int row = chunk * kChunkRows + threadIdx.x % 32;
   const int src = chunk < 0 ? -1 : a.layer.xmap ? __ldg(a.layer.xmap + row) : row;
-  const T* x = static_cast<const T*>(a.x);
+  const T* x = static_cast<const T*>(a.in.x);
 #pragma unroll
-  for (int b = 0; b < NB; ++b) v[b] = src >= 0 ? Io<T>::load(x[b * a.ldx + src]) : 0.0f;
-  if (a.gate != nullptr) {  // the gated MLP's silu(gate)·up
-    const T* gate = static_cast<const T*>(a.gate);
+  for (int b = 0; b < NB; ++b) v[b] = src >= 0 ? Io<T>::load(x[b * a.in.ldx + src]) : 0.0f;
+  if (a.in.gate != nullptr) {
+    const T* gate = static_cast<const T*>(a.in.gate);
 #pragma unroll
-    for (int b = 0; b < NB; ++b) {
-      const float g = src >= 0 ? Io<T>::load(gate[b * a.ldx + src]) : 0.0f;
-      v[b] = silu_times<T>(g, v[b]);
-    }
+    for (int b = 0; b < NB; ++b) with[b] = src >= 0 ? Io<T>::load(gate[b * a.in.ldx + src]) : 0.0f;
+  } else if (a.in.norm.sumsq != nullptr) {
+    with[0] = src >= 0 ? Io<T>::load(static_cast<const T*>(a.in.norm.weight)[src]) : 0.0f;
+  }
+}
+
+// The input the layer multiplies: the gated MLP's silu(gate)·up, or RMSNorm(x)·weight (inv_rms: each
+// row's 1 / rms), rounded as the unfused ops round them; else x.
+template <typename T, int NB>
+__device__ __forceinline__ void finish_chunk_x(const GemvArgs& a, const float (&with)[NB], const float (&inv_rms)[NB],
+                                               float (&v)[NB]) {
+#pragma unroll
+  for (int b = 0; b < NB; ++b) {
+    if (a.in.gate != nullptr) v[b] = silu_times<T>(with[b], v[b]);
+    else if (a.in.norm.sumsq != nullptr) v[b] = Io<T>::load(rms_normed<T>(v[b], inv_rms[b], with[0]));
+  }
+}
+
+// Each row's 1 / rms(x) from its partial sums of squares, added in a fixed order (the same on every
+// warp, block and call): rsqrt(Σ x² / dim + eps), as the RMSNorm kernel computes it.
+template <int NB>
+__device__ __forceinline__ void row_inv_rms(const RowNorm& norm, float (&inv_rms)[NB]) {
+  const int parts = (norm.dim + kWarpCols - 1) / kWarpCols;
+#pragma unroll
+  for (int b = 0; b < NB; ++b) {
+    float sum = 0.0f;
+    for (int i = threadIdx.x % 32; i < parts; i += 32) sum += __ldcg(norm.sumsq + b * parts + i);
+    inv_rms[b] = rsqrtf(warp_sum(sum) / float(norm.dim) + norm.eps);
   }
 }
 
@@ -154,16 +174,23 @@ template <typename T, int NB>
 __device__ void stage_x(const GemvArgs& a, int first, const StagedX& xs) {
   constexpr int passes = NB <= 2 ? 8 : NB <= 4 ? 4 : 2;
   const int warp = threadIdx.x / 32, chunks = a.layer.chunks;
+  float inv_rms[NB];
+#pragma unroll
+  for (int b = 0; b < NB; ++b) inv_rms[b] = 1.0f;
   for (int s0 = warp; s0 < a.x_slots; s0 += passes * kWarps) {
-    float v[passes][NB];
+    float v[passes][NB], with[passes][NB];
 #pragma unroll
     for (int p = 0; p < passes; ++p) {
       const int s = s0 + p * kWarps;
-      load_chunk_x<T, NB>(a, s < a.x_slots ? (first + s) % chunks : -1, v[p]);
+      load_chunk_x<T, NB>(a, s < a.x_slots ? (first + s) % chunks : -1, v[p], with[p]);
     }
+    if (s0 == warp && a.in.norm.sumsq != nullptr) row_inv_rms<NB>(a.in.norm, inv_rms);  // while x's loads fly
 #pragma unroll
-    for (int p = 0; p < passes; ++p)
-      if (s0 + p * kWarps < a.x_slots) store_chunk_x<NB>(v[p], s0 + p * kWarps, a.x_slots, xs);
+    for (int p = 0; p < passes; ++p) {
+      if (s0 + p * kWarps >= a.x_slots) continue;
+      finish_chunk_x<T, NB>(a, with[p], inv_rms, v[p]);
+      store_chunk_x<NB>(v[p], s0 + p * kWarps, a.x_slots, xs);
+    }
   }
 }
 
@@ -292,23 +319,43 @@ __device__ __forceinline__ void request_item(const GemvArgs& a, const Block& blk
   const int col4 = cur.tile * 32 + threadIdx.x % 32;  // out_pad is whole tiles: every lane has columns
   const int4 m = meta[blk.slot_of(cur.chunk, L.chunks)];
   const uint4* words = reinterpret_cast<const uint4*>(L.words) + tile_major4(L.word_rows, m.x, col4);
-  const int bits = min(m.y, a.max_bits);
+  const int bits = min(m.y, a.out.max_bits);
   for (int k = 0; k < bits; ++k) cp_async16(ring + k * 32, words + k * 32);  // a chunk's rows are contiguous
-  cp_async16(ring + a.max_bits * 32, reinterpret_cast<const uint4*>(L.scale_min) + tile_major4(L.groups, m.z, col4));
+  cp_async16(ring + a.out.max_bits * 32, reinterpret_cast<const uint4*>(L.scale_min) + tile_major4(L.groups, m.z, col4));
 }
 
 // What the output adds to x Wᵀ: the bias and the residual (either may be absent).
 template <typename T>
 __device__ __forceinline__ float epilogue_addend(const GemvArgs& a, int b, int col) {
-  float s = a.bias ? a.bias[col] : 0.0f;
-  if (a.residual) s += Io<T>::load(static_cast<const T*>(a.residual)[b * a.ldy + col]);
+  float s = a.out.bias ? a.out.bias[col] : 0.0f;
+  if (a.out.residual) s += Io<T>::load(static_cast<const T*>(a.out.residual)[b * a.out.ldy + col]);
   return s;
+}
+
+// Σ over the tile's columns of each row's stored output squared (sq: this thread's, per step k of the
+// tile's NB × 128 outputs) → out.sumsq[b, tile], added in a fixed order: the next RMSNorm's statistics.
+template <int NB, int STEPS>
+__device__ void store_tile_sumsq(const GemvArgs& a, int tile, const float (&sq)[STEPS]) {
+  __shared__ float part[kMaxBatchRows][kWarpCols / 32];  // [row][warp of the row's 4]
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int k = 0; k < STEPS; ++k) {
+    const float sum = warp_sum(sq[k]);
+    const int i = threadIdx.x - lane + k * kThreads;  // the warp's first output at step k
+    if (lane == 0 && i < NB * kWarpCols) part[i / kWarpCols][i % kWarpCols / 32] = sum;
+  }
+  __syncthreads();
+  if (threadIdx.x < NB) {
+    const float* p = part[threadIdx.x];
+    a.out.sumsq[threadIdx.x * tiles_of(a.layer) + tile] = (p[0] + p[1]) + (p[2] + p[3]);
+  }
 }
 
 // The warps' sums for `tile` → y (a tile held whole), or this block's partial sums, the last block
 // sharing the tile then adding them all in block order.
 template <typename T, int NB>
 __device__ void finish_tile(const GemvArgs& a, const Block& blk, int tile, const float (&acc)[NB][4], float* red) {
+  constexpr int steps = (NB * kWarpCols + kThreads - 1) / kThreads;  // of a thread over the tile's outputs
   __shared__ int is_last;
   const QLayer& L = a.layer;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, chunks = L.chunks;
@@ -319,38 +366,54 @@ __device__ void finish_tile(const GemvArgs& a, const Block& blk, int tile, const
   __syncthreads();
   const bool whole = blk.whole(tile, chunks);
   const int part = tile == blk.first_tile ? 0 : 1;
-  T* y = static_cast<T*>(a.y);
-  for (int i = threadIdx.x; i < NB * kWarpCols; i += kThreads) {
+  T* y = static_cast<T*>(a.out.y);
+  float sq[steps] = {};
+#pragma unroll
+  for (int k = 0; k < steps; ++k) {
+    const int i = threadIdx.x + k * kThreads;
+    if (i >= NB * kWarpCols) break;
     const int b = i / kWarpCols, c = i % kWarpCols, col = tile * kWarpCols + c;
     float s = 0.0f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) s += red[(w * NB + b) * kWarpCols + c];
     if (whole) {
-      if (col < L.out) y[b * a.ldy + col] = Io<T>::store(s + epilogue_addend<T>(a, b, col));
+      if (col >= L.out) continue;
+      const T out = Io<T>::store(s + epilogue_addend<T>(a, b, col));
+      y[b * a.out.ldy + col] = out;
+      sq[k] = Io<T>::load(out) * Io<T>::load(out);
     } else {
       a.workspace[((size_t(blk.index) * kPartialSlots + part) * NB + b) * kWarpCols + c] = s;
     }
   }
   if (!whole) __threadfence();  // the partial sums are visible before the count says so
   __syncthreads();              // and red is free again
-  if (whole) return;
+  if (whole) {
+    if (a.out.sumsq != nullptr) store_tile_sumsq<NB>(a, tile, sq);
+    return;
+  }
   const int first_block = tile * chunks / a.items_per_block;
   const int last_block = ((tile + 1) * chunks - 1) / a.items_per_block;
   if (threadIdx.x == 0) is_last = atomicAdd(a.counters + tile, 1) == last_block - first_block;
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  for (int i = threadIdx.x; i < NB * kWarpCols; i += kThreads) {
+#pragma unroll
+  for (int k = 0; k < steps; ++k) {
+    const int i = threadIdx.x + k * kThreads;
+    if (i >= NB * kWarpCols) break;
     const int b = i / kWarpCols, c = i % kWarpCols, col = tile * kWarpCols + c;
     if (col >= L.out) continue;
     float s = epilogue_addend<T>(a, b, col);
-    for (int k = first_block; k <= last_block; ++k) {
-      const int k_part = tile == k * a.items_per_block / chunks ? 0 : 1;
-      s += __ldcg(a.workspace + ((size_t(k) * kPartialSlots + k_part) * NB + b) * kWarpCols + c);
+    for (int j = first_block; j <= last_block; ++j) {
+      const int j_part = tile == j * a.items_per_block / chunks ? 0 : 1;
+      s += __ldcg(a.workspace + ((size_t(j) * kPartialSlots + j_part) * NB + b) * kWarpCols + c);
     }
-    y[b * a.ldy + col] = Io<T>::store(s);
+    const T out = Io<T>::store(s);
+    y[b * a.out.ldy + col] = out;
+    sq[k] = Io<T>::load(out) * Io<T>::load(out);
   }
   if (threadIdx.x == 0) a.counters[tile] = 0;  // ready for the next call (and graph replay)
+  if (a.out.sumsq != nullptr) store_tile_sumsq<NB>(a, tile, sq);
 }
 
 // The arguments of the layer this block works for, and its index among that layer's blocks. A routed
@@ -367,16 +430,16 @@ __device__ __forceinline__ GemvArgs block_args(const GemvGroup& group, int& inde
   index = blockIdx.x - slot * group.slot_blocks;
   grid_dependency_wait();
   GemvArgs a = group.layers[min(max(int(__ldg(group.route + slot)), 0), group.count - 1)];
-  a.x = static_cast<const char*>(a.x) + slot * group.x_slot_bytes;
-  if (a.gate != nullptr) a.gate = static_cast<const char*>(a.gate) + slot * group.x_slot_bytes;
-  a.y = static_cast<char*>(a.y) + slot * group.y_slot_bytes;
+  a.in.x = static_cast<const char*>(a.in.x) + slot * group.x_slot_bytes;
+  if (a.in.gate != nullptr) a.in.gate = static_cast<const char*>(a.in.gate) + slot * group.x_slot_bytes;
+  a.out.y = static_cast<char*>(a.out.y) + slot * group.y_slot_bytes;
   a.workspace += size_t(slot) * group.slot_blocks * kPartialSlots * NB * kWarpCols;
   a.counters += slot * tiles_of(a.layer);
   return a;
 }
 
 template <typename T, int NB>
-__global__ void __launch_bounds__(kThreads, NB > 2 ? 1 : 4) qgemv_kernel(const __grid_constant__ GemvGroup group) {
+__global__ void __launch_bounds__(kThreads, NB == 1 ? 4 : NB == 2 ? 2 : 1) qgemv_kernel(const __grid_constant__ GemvGroup group) {
   extern __shared__ __align__(16) unsigned char smem[];
   int index;
   const GemvArgs a = block_args<NB>(group, index);
@@ -384,11 +447,11 @@ __global__ void __launch_bounds__(kThreads, NB > 2 ? 1 : 4) qgemv_kernel(const _
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, chunks = L.chunks;
   const Block blk(a, index);
   if (blk.begin >= blk.end) return;
-  const SharedLayout at(NB, a.x_slots, a.stages, a.max_bits);
+  const SharedLayout at(NB, a.x_slots, a.stages, a.out.max_bits);
   int4* meta = reinterpret_cast<int4*>(smem + at.meta);
   const StagedX xs{reinterpret_cast<int8_t*>(smem + at.xq), reinterpret_cast<float*>(smem + at.xscale),
                    reinterpret_cast<float*>(smem + at.xsum), reinterpret_cast<int*>(smem + at.xqsum)};
-  const int slot_uint4s = SharedLayout::slot_bytes(a.max_bits) / 16;
+  const int slot_uint4s = SharedLayout::slot_bytes(a.out.max_bits) / 16;
   uint4* ring = reinterpret_cast<uint4*>(smem + at.ring) + size_t(warp) * a.stages * slot_uint4s + lane;
   float* red = reinterpret_cast<float*>(smem + at.red);
 
@@ -429,7 +492,7 @@ __global__ void __launch_bounds__(kThreads, NB > 2 ? 1 : 4) qgemv_kernel(const _
       const int slot = blk.slot_of(cur.chunk, chunks);
       const uint4* mine = ring + (k % a.stages) * slot_uint4s;
       with_width(meta[slot].y, [&](auto width) {
-        gemv_chunk<NB, decltype(width)::bits>(mine, a.max_bits, slot, a.x_slots, xs, acc);
+        gemv_chunk<NB, decltype(width)::bits>(mine, a.out.max_bits, slot, a.x_slots, xs, acc);
       });
     }
     finish_tile<T, NB>(a, blk, tile, acc, red);
@@ -556,7 +619,8 @@ cudaError_t qgemv(const GemvInput& in, const QLayer* layers, const GemvOutput* o
                   float* workspace, int* counters, int target_blocks, const GemvRoute* route, cudaStream_t stream) {
   if (batch < 1 || batch > kMaxBatchRows || count < 1 || count > kMaxGemvLayers) return cudaErrorInvalidValue;
   const int slots = route ? route->slots : 0;
-  if (route && (batch != 1 || slots < 1)) return cudaErrorInvalidValue;
+  if (route && (batch != 1 || slots < 1 || in.norm.sumsq != nullptr)) return cudaErrorInvalidValue;
+  if (in.norm.sumsq != nullptr && (in.gate != nullptr || in.norm.dim < 1)) return cudaErrorInvalidValue;
   GemvPlan plans[kMaxGemvLayers];
   plan_layers(layers, count, batch, target_blocks, slots, plans);
   const DeviceInfo device = current_device();
@@ -565,13 +629,11 @@ cudaError_t qgemv(const GemvInput& in, const QLayer* layers, const GemvOutput* o
   for (int i = 0; i < count; ++i) {
     const QLayer& L = layers[i];
     const GemvOutput& o = outs[i];
-    if (L.chunks < 1 || o.max_bits < 2 || o.max_bits > 8) return cudaErrorInvalidValue;
+    if (L.chunks < 1 || o.max_bits < 2 || o.max_bits > 8 || (route && o.sumsq != nullptr)) return cudaErrorInvalidValue;
     if (route && (plans[i].grid != plans[0].grid || tiles_of(L) != tiles_of(layers[0]))) return cudaErrorInvalidValue;
     GemvPlan& p = plans[i];
     fit_device(p, batch, target_blocks, o.max_bits, device);
-    g.layers[i] = GemvArgs{L,        in.x,      in.gate,  in.ldx,            o.y,          o.ldy,
-                           o.residual, o.bias,  workspace, counters,         p.items_per_block, p.x_slots,
-                           p.stages, o.max_bits};
+    g.layers[i] = GemvArgs{L, in, o, workspace, counters, p.items_per_block, p.x_slots, p.stages};
     g.first_block[i] = launch.grid;
     if (!route) {  // the layers side by side; routed, every slot's blocks start at the same workspace
       workspace += int64_t(p.grid) * kPartialSlots * batch * kWarpCols;

@@ -32,11 +32,21 @@ int64_t qgemv_workspace_floats(const QLayer* layers, int count, int batch, int t
 int qgemv_counters(const QLayer* layers, int count, int slots = 0);
 
 // The GEMV's operands, rows of the activations' dtype: for each layer,
-//   y[b, :out] = residual[b] + bias + u[b] Wᵀ,  u = x, or silu(gate) · x where gate is given.
+//   y[b, :out] = residual[b] + bias + u[b] Wᵀ,  u = x, silu(gate) · x where gate is given, or
+//   RMSNorm(x) · weight where norm is.
+// An RMSNorm applied to x as the GEMV stages it, u = weight · round(x / rms(x)) as HF rounds it, from
+// x's statistics as a GEMV with `sumsq` wrote them (Σ x² per 128 columns): the norm needs no kernel.
+struct RowNorm {
+  const float* sumsq;    // nullptr (no norm), or [batch, ceil(dim / 128)]
+  const void* weight;    // [dim], the activations' dtype
+  float eps;
+  int dim;
+};
 struct GemvInput {
   const void* x;         // [batch, in], rows ldx apart
   const void* gate;      // nullptr or [batch, in], rows ldx apart
   int64_t ldx;
+  RowNorm norm;          // not with a gate
 };
 struct GemvOutput {
   void* y;               // [batch, out], rows ldy apart
@@ -44,6 +54,8 @@ struct GemvOutput {
   int64_t ldy;
   const float* bias;     // nullptr or [out]
   int max_bits;          // the layer's widest chunk (2-8; wider chunks would be cut to it)
+  float* sumsq;          // nullptr or [batch, ceil(out / 128)]: Σ y² of each row's stored outputs per 128
+                         // columns, the next RMSNorm's statistics (RowNorm)
 };
 
 // A routed launch (batch 1): slot s runs layer experts[s] (a device int64 [slots], written by the

@@ -110,6 +110,23 @@ template <> struct Io<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
 };
 
+template <typename T>
+__device__ __forceinline__ float round_trip(float v) {  // v rounded to T, as a PyTorch op would store it
+  return Io<T>::load(Io<T>::store(v));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {  // a fixed butterfly: the same sum on every warp
+#pragma unroll
+  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// HF RMSNorm's output for x: weight · round(x · inv_rms), rounded to T (statistics in float32).
+template <typename T>
+__device__ __forceinline__ T rms_normed(float x, float inv_rms, float weight) {
+  return Io<T>::store(weight * round_trip<T>(x * inv_rms));
+}
+
 // The gated MLP's silu(gate)·up, rounded to T as the unfused torch ops round it (silu, then the product).
 template <typename T>
 __device__ __forceinline__ float silu_times(float gate, float up) {
