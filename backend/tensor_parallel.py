@@ -15,6 +15,7 @@ state never drifts between ranks. NCCL on CUDA, gloo on the CPU (what the CI tes
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ class TensorParallel:
             if device.type == "cuda":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group(backend)
+            atexit.register(_leave_together, dist)
         tp = cls(dist.get_rank(), dist.get_world_size())
         if expected_world_size is not None and tp.world_size != expected_world_size:
             raise TrimtabError(f"--tensor-parallel {expected_world_size} but torchrun started {tp.world_size} "
@@ -88,3 +90,14 @@ class TensorParallel:
 
 
 SINGLE = TensorParallel()
+
+
+def _leave_together(dist) -> None:
+    """At exit, the ranks leave the process group trimtab joined together (a barrier, then destroy it):
+    rank 0 hosts the rendezvous store, and going first it could tear the group down under a rank still
+    leaving, which then aborts ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
