@@ -351,20 +351,19 @@ __device__ void store_tile_sumsq(const GemvArgs& a, int tile, const float (&sq)[
   }
 }
 
-// The warps' sums for `tile` → y (a tile held whole), or this block's partial sums, the last block
-// sharing the tile then adding them all in block order.
+// The warps' sums for `tile` → y (a tile held whole), or this block's partial sums into its workspace
+// slot (a tile shared with other blocks, settled when the block's run ends: settle_shared_tiles).
 template <typename T, int NB>
 __device__ void finish_tile(const GemvArgs& a, const Block& blk, int tile, const float (&acc)[NB][4], float* red) {
   constexpr int steps = (NB * kWarpCols + kThreads - 1) / kThreads;  // of a thread over the tile's outputs
-  __shared__ int is_last;
   const QLayer& L = a.layer;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, chunks = L.chunks;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
   for (int b = 0; b < NB; ++b)
     *reinterpret_cast<float4*>(red + (warp * NB + b) * kWarpCols + lane * 4) =
         make_float4(acc[b][0], acc[b][1], acc[b][2], acc[b][3]);
   __syncthreads();
-  const bool whole = blk.whole(tile, chunks);
+  const bool whole = blk.whole(tile, L.chunks);
   const int part = tile == blk.first_tile ? 0 : 1;
   T* y = static_cast<T*>(a.out.y);
   float sq[steps] = {};
@@ -385,26 +384,34 @@ __device__ void finish_tile(const GemvArgs& a, const Block& blk, int tile, const
       a.workspace[((size_t(blk.index) * kPartialSlots + part) * NB + b) * kWarpCols + c] = s;
     }
   }
-  if (!whole) __threadfence();  // the partial sums are visible before the count says so
-  __syncthreads();              // and red is free again
-  if (whole) {
-    if (a.out.sumsq != nullptr) store_tile_sumsq<NB>(a, tile, sq);
-    return;
-  }
-  const int first_block = tile * chunks / a.items_per_block;
-  const int last_block = ((tile + 1) * chunks - 1) / a.items_per_block;
-  if (threadIdx.x == 0) is_last = atomicAdd(a.counters + tile, 1) == last_block - first_block;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
+  __syncthreads();  // red is free again
+  if (whole && a.out.sumsq != nullptr) store_tile_sumsq<NB>(a, tile, sq);
+}
+
+// The blocks sharing `tile`: the first and the last to hold any of its chunks.
+__device__ __forceinline__ int first_block_of(const GemvArgs& a, int tile) {
+  return tile * a.layer.chunks / a.items_per_block;
+}
+__device__ __forceinline__ int last_block_of(const GemvArgs& a, int tile) {
+  return ((tile + 1) * a.layer.chunks - 1) / a.items_per_block;
+}
+
+// The last block to finish a shared tile: every sharing block's partial sums, in block order
+// (deterministic), + bias + residual → y; the tile's counter reset for the next call (graph replay).
+template <typename T, int NB>
+__device__ void add_partials(const GemvArgs& a, int tile) {
+  constexpr int steps = (NB * kWarpCols + kThreads - 1) / kThreads;
+  const int chunks = a.layer.chunks, first = first_block_of(a, tile), last = last_block_of(a, tile);
+  T* y = static_cast<T*>(a.out.y);
+  float sq[steps] = {};
 #pragma unroll
   for (int k = 0; k < steps; ++k) {
     const int i = threadIdx.x + k * kThreads;
     if (i >= NB * kWarpCols) break;
     const int b = i / kWarpCols, c = i % kWarpCols, col = tile * kWarpCols + c;
-    if (col >= L.out) continue;
+    if (col >= a.layer.out) continue;
     float s = epilogue_addend<T>(a, b, col);
-    for (int j = first_block; j <= last_block; ++j) {
+    for (int j = first; j <= last; ++j) {
       const int j_part = tile == j * a.items_per_block / chunks ? 0 : 1;
       s += __ldcg(a.workspace + ((size_t(j) * kPartialSlots + j_part) * NB + b) * kWarpCols + c);
     }
@@ -412,8 +419,30 @@ __device__ void finish_tile(const GemvArgs& a, const Block& blk, int tile, const
     y[b * a.out.ldy + col] = out;
     sq[k] = Io<T>::load(out) * Io<T>::load(out);
   }
-  if (threadIdx.x == 0) a.counters[tile] = 0;  // ready for the next call (and graph replay)
+  if (threadIdx.x == 0) a.counters[tile] = 0;
   if (a.out.sumsq != nullptr) store_tile_sumsq<NB>(a, tile, sq);
+}
+
+// The block's shared tiles (its first and last at most), settled once its run is done: one fence for
+// both partial sums, both counted at once (two warps), so that a run's two shared tiles cost one
+// round of global memory trips at its end instead of one each, the first in the middle of the run.
+template <typename T, int NB>
+__device__ void settle_shared_tiles(const GemvArgs& a, const Block& blk) {
+  __shared__ int is_last[kPartialSlots];
+  const int chunks = a.layer.chunks;
+  __threadfence();  // the partial sums are visible before the counts say so
+  __syncthreads();
+  if (threadIdx.x % 32 == 0 && threadIdx.x / 32 < kPartialSlots) {  // warp p counts slot p's tile
+    const int p = threadIdx.x / 32, tile = p == 0 ? blk.first_tile : blk.last_tile;
+    const bool shared = !blk.whole(tile, chunks) && (p == 0 || tile != blk.first_tile);
+    is_last[p] = shared && atomicAdd(a.counters + tile, 1) == last_block_of(a, tile) - first_block_of(a, tile);
+  }
+  __syncthreads();
+  if (!is_last[0] && !is_last[1]) return;
+  __threadfence();
+  if (is_last[0]) add_partials<T, NB>(a, blk.first_tile);
+  if (is_last[0] && is_last[1]) __syncthreads();  // store_tile_sumsq's shared memory is free again
+  if (is_last[1]) add_partials<T, NB>(a, blk.last_tile);
 }
 
 // The arguments of the layer this block works for, and its index among that layer's blocks. A routed
@@ -498,6 +527,7 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 4 : NB == 2 ? 2 : 1) qgemv
     finish_tile<T, NB>(a, blk, tile, acc, red);
   }
   asm volatile("cp.async.wait_all;");
+  settle_shared_tiles<T, NB>(a, blk);
 }
 
 int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
