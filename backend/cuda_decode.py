@@ -14,11 +14,10 @@ and v that stages RMSNorm(x)·weight as its input, rotary + KV write, attention 
 again inside), and the down GEMV that takes silu(gate)·up as its input and adds the residual. The o
 and down GEMVs write the residual stream's Σ x² per 128 columns as they store it, which is all the
 next norm needs (layer 0's norm, and a float head's, are trimtab's RMSNorm kernel; float
-projections: cuBLAS one at a time, and torch ops for SiLU and the adds). A mixture of experts (Mixtral) chooses its top-k experts on the GPU
-(router, softmax, top-k) and runs them as three routed GEMVs, each reading the chosen experts'
-indices from device memory, so the choice needs no host sync and stays in the graph. The graph
-reads the token and the
-position from device tensors written before each replay, attends over the whole static cache under
+projections: cuBLAS one at a time, and torch ops for SiLU and the adds). A mixture of experts
+(Mixtral) chooses its top-k experts on the GPU (router, softmax, top-k) and runs them as three
+routed GEMVs, each reading the chosen experts' indices from device memory, so the choice needs no
+host sync and stays in the graph. The graph reads the token and the position from device tensors written before each replay, attends over the whole static cache under
 a mask built from the position, and writes the logits into a static tensor (valid until the next
 step). A new cache object is captured anew. Batch 1,
 full or sliding-window attention, HF (non-interleaved) rotary. Under tensor parallelism each rank

@@ -38,8 +38,8 @@ import torch
 from .errors import TrimtabError
 from .ops import OnceBuilt, _build_root, _first_error_line, as_trimtab_error
 
-__all__ = ["available", "load_extension", "qrepack", "MAX_GEMV_LAYERS", "GemvLayer", "RowNorm", "qgemv", "qgemv_workspace",
-           "qgemv_counters", "qdequantize_t", "multiprocessor_count", "rms_norm", "silu_mul", "rotary_kv",
+__all__ = ["available", "load_extension", "qrepack", "MAX_GEMV_LAYERS", "GemvLayer", "RowNorm", "qgemv",
+           "qgemv_workspace", "qgemv_counters", "qdequantize_t", "multiprocessor_count", "rms_norm", "silu_mul", "rotary_kv",
            "decode_attention", "attention_workspace", "attention_supported"]
 
 

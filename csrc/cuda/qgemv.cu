@@ -321,7 +321,8 @@ __device__ __forceinline__ void request_item(const GemvArgs& a, const Block& blk
   const uint4* words = reinterpret_cast<const uint4*>(L.words) + tile_major4(L.word_rows, m.x, col4);
   const int bits = min(m.y, a.out.max_bits);
   for (int k = 0; k < bits; ++k) cp_async16(ring + k * 32, words + k * 32);  // a chunk's rows are contiguous
-  cp_async16(ring + a.out.max_bits * 32, reinterpret_cast<const uint4*>(L.scale_min) + tile_major4(L.groups, m.z, col4));
+  const uint4* scales = reinterpret_cast<const uint4*>(L.scale_min) + tile_major4(L.groups, m.z, col4);
+  cp_async16(ring + a.out.max_bits * 32, scales);
 }
 
 // What the output adds to x Wᵀ: the bias and the residual (either may be absent).
@@ -467,8 +468,13 @@ __device__ __forceinline__ GemvArgs block_args(const GemvGroup& group, int& inde
   return a;
 }
 
+// One row fits 4 blocks a multiprocessor (64 registers), two rows 2, more rows 1.
+template <int NB>
+constexpr int kMinBlocksPerMultiprocessor = NB == 1 ? 4 : NB == 2 ? 2 : 1;
+
 template <typename T, int NB>
-__global__ void __launch_bounds__(kThreads, NB == 1 ? 4 : NB == 2 ? 2 : 1) qgemv_kernel(const __grid_constant__ GemvGroup group) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerMultiprocessor<NB>)
+    qgemv_kernel(const __grid_constant__ GemvGroup group) {
   extern __shared__ __align__(16) unsigned char smem[];
   int index;
   const GemvArgs a = block_args<NB>(group, index);
