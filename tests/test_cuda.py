@@ -42,6 +42,17 @@ def test_plan_chunks_identity_needs_no_map():
     assert plan_chunks(random_layer(256, 8, [4], 128)).xmap is None
 
 
+def test_row_statistics_are_sums_of_squares_per_128_columns():
+    """What a GEMV's RowNorm takes, as the GEMVs write it for their outputs (checked on a GPU below)."""
+    from trimtab.backend.quant.cuda_linear import row_statistics, statistics_shape
+
+    x = torch.randn(3, 300)
+    stats = row_statistics(x.half())
+    assert stats.dtype == torch.float32 and tuple(stats.shape) == statistics_shape(3, 300) == (3, 3)
+    for part, (begin, end) in enumerate([(0, 128), (128, 256), (256, 300)]):   # the last part is 44 columns
+        torch.testing.assert_close(stats[:, part], x.half().float()[:, begin:end].square().sum(dim=1))
+
+
 CASES = [  # in, out, widths cycled over groups, group size, act-order
     (256, 128, [4], 128, False),
     (1000, 333, [2, 3, 4, 5, 6, 8], 128, True),
