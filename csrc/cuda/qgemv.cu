@@ -333,14 +333,37 @@ __device__ __forceinline__ float epilogue_addend(const GemvArgs& a, int b, int c
   return s;
 }
 
+// f(k, b, c, col) for each of a tile's NB × 128 outputs this thread takes (row b, column c of the tile,
+// col of the layer), at step k < kTileSteps<NB> of the thread's walk over them.
+template <int NB>
+constexpr int kTileSteps = (NB * kWarpCols + kThreads - 1) / kThreads;
+template <int NB, typename F>
+__device__ __forceinline__ void for_tile_outputs(int tile, F&& f) {
+#pragma unroll
+  for (int k = 0; k < kTileSteps<NB>; ++k) {
+    const int i = threadIdx.x + k * kThreads;
+    if (i >= NB * kWarpCols) break;
+    const int b = i / kWarpCols, c = i % kWarpCols;
+    f(k, b, c, tile * kWarpCols + c);
+  }
+}
+
+// y[b, col] = v rounded to T; → the stored value squared (the next RMSNorm's statistics)
+template <typename T>
+__device__ __forceinline__ float store_output(const GemvArgs& a, int b, int col, float v) {
+  const T out = Io<T>::store(v);
+  static_cast<T*>(a.out.y)[b * a.out.ldy + col] = out;
+  return Io<T>::load(out) * Io<T>::load(out);
+}
+
 // Σ over the tile's columns of each row's stored output squared (sq: this thread's, per step k of the
 // tile's NB × 128 outputs) → out.sumsq[b, tile], added in a fixed order: the next RMSNorm's statistics.
-template <int NB, int STEPS>
-__device__ void store_tile_sumsq(const GemvArgs& a, int tile, const float (&sq)[STEPS]) {
+template <int NB>
+__device__ void store_tile_sumsq(const GemvArgs& a, int tile, const float (&sq)[kTileSteps<NB>]) {
   __shared__ float part[kMaxBatchRows][kWarpCols / 32];  // [row][warp of the row's 4]
   const int lane = threadIdx.x % 32;
 #pragma unroll
-  for (int k = 0; k < STEPS; ++k) {
+  for (int k = 0; k < kTileSteps<NB>; ++k) {
     const float sum = warp_sum(sq[k]);
     const int i = threadIdx.x - lane + k * kThreads;  // the warp's first output at step k
     if (lane == 0 && i < NB * kWarpCols) part[i / kWarpCols][i % kWarpCols / 32] = sum;
@@ -356,7 +379,6 @@ __device__ void store_tile_sumsq(const GemvArgs& a, int tile, const float (&sq)[
 // slot (a tile shared with other blocks, settled when the block's run ends: settle_shared_tiles).
 template <typename T, int NB>
 __device__ void finish_tile(const GemvArgs& a, const Block& blk, int tile, const float (&acc)[NB][4], float* red) {
-  constexpr int steps = (NB * kWarpCols + kThreads - 1) / kThreads;  // of a thread over the tile's outputs
   const QLayer& L = a.layer;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
@@ -366,25 +388,16 @@ __device__ void finish_tile(const GemvArgs& a, const Block& blk, int tile, const
   __syncthreads();
   const bool whole = blk.whole(tile, L.chunks);
   const int part = tile == blk.first_tile ? 0 : 1;
-  T* y = static_cast<T*>(a.out.y);
-  float sq[steps] = {};
-#pragma unroll
-  for (int k = 0; k < steps; ++k) {
-    const int i = threadIdx.x + k * kThreads;
-    if (i >= NB * kWarpCols) break;
-    const int b = i / kWarpCols, c = i % kWarpCols, col = tile * kWarpCols + c;
+  float sq[kTileSteps<NB>] = {};
+  for_tile_outputs<NB>(tile, [&](int k, int b, int c, int col) {
     float s = 0.0f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) s += red[(w * NB + b) * kWarpCols + c];
-    if (whole) {
-      if (col >= L.out) continue;
-      const T out = Io<T>::store(s + epilogue_addend<T>(a, b, col));
-      y[b * a.out.ldy + col] = out;
-      sq[k] = Io<T>::load(out) * Io<T>::load(out);
-    } else {
+    if (!whole)
       a.workspace[((size_t(blk.index) * kPartialSlots + part) * NB + b) * kWarpCols + c] = s;
-    }
-  }
+    else if (col < L.out)
+      sq[k] = store_output<T>(a, b, col, s + epilogue_addend<T>(a, b, col));
+  });
   __syncthreads();  // red is free again
   if (whole && a.out.sumsq != nullptr) store_tile_sumsq<NB>(a, tile, sq);
 }
@@ -401,25 +414,17 @@ __device__ __forceinline__ int last_block_of(const GemvArgs& a, int tile) {
 // (deterministic), + bias + residual → y; the tile's counter reset for the next call (graph replay).
 template <typename T, int NB>
 __device__ void add_partials(const GemvArgs& a, int tile) {
-  constexpr int steps = (NB * kWarpCols + kThreads - 1) / kThreads;
   const int chunks = a.layer.chunks, first = first_block_of(a, tile), last = last_block_of(a, tile);
-  T* y = static_cast<T*>(a.out.y);
-  float sq[steps] = {};
-#pragma unroll
-  for (int k = 0; k < steps; ++k) {
-    const int i = threadIdx.x + k * kThreads;
-    if (i >= NB * kWarpCols) break;
-    const int b = i / kWarpCols, c = i % kWarpCols, col = tile * kWarpCols + c;
-    if (col >= a.layer.out) continue;
+  float sq[kTileSteps<NB>] = {};
+  for_tile_outputs<NB>(tile, [&](int k, int b, int c, int col) {
+    if (col >= a.layer.out) return;
     float s = epilogue_addend<T>(a, b, col);
     for (int j = first; j <= last; ++j) {
       const int j_part = tile == j * a.items_per_block / chunks ? 0 : 1;
       s += __ldcg(a.workspace + ((size_t(j) * kPartialSlots + j_part) * NB + b) * kWarpCols + c);
     }
-    const T out = Io<T>::store(s);
-    y[b * a.out.ldy + col] = out;
-    sq[k] = Io<T>::load(out) * Io<T>::load(out);
-  }
+    sq[k] = store_output<T>(a, b, col, s);
+  });
   if (threadIdx.x == 0) a.counters[tile] = 0;
   if (a.out.sumsq != nullptr) store_tile_sumsq<NB>(a, tile, sq);
 }
