@@ -31,6 +31,7 @@ constexpr int kLowSteps = 254;
 constexpr int kStageBytesPerChunkRow = kXTerms * kChunkRows + 3 * 4;  // the terms + scale, sum, integer sum
 constexpr int kMinStages = 2, kMaxStages = 4;  // chunks a warp has in its ring
 constexpr int kPartialSlots = 2;               // a block shares at most its first and last tile
+constexpr int kMinBits = 2;                    // the narrowest chunk
 
 struct GemvArgs {  // one layer's share of a launch
   QLayer layer;
@@ -73,14 +74,18 @@ struct SharedLayout {
 
 __device__ __forceinline__ void cp_async16(void* shared, const void* global) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(global));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(global) : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 // wait until at most stages - 1 groups are pending (stages is uniform: no divergence)
 __device__ __forceinline__ void cp_async_wait_all_but(int pending) {
-  if (pending >= 3) asm volatile("cp.async.wait_group 3;");
-  else if (pending == 2) asm volatile("cp.async.wait_group 2;");
-  else asm volatile("cp.async.wait_group 1;");
+  switch (pending) {
+    case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
+    case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
+    case 4: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 5;" ::: "memory"); break;
+  }
 }
 
 // ---- staging x --------------------------------------------------------------------------------
@@ -95,12 +100,12 @@ struct StagedX {  // views of the block's shared memory
   int* qsum;      // [nb, x_slots]: Σ of the integers scale multiplies
 };
 
-// x rows of `chunk` as this lane's values (0 in padding or for chunk < 0), and what they are finished
-// with (finish_chunk_x): the gate's values, or the norm's weight
+// x rows of `chunk` as this lane's values (0 in padding), and what they are finished with
+// (finish_chunk_x): the gate's values, or the norm's weight
 template <typename T, int NB>
 __device__ __forceinline__ void load_chunk_x(const GemvArgs& a, int chunk, float (&v)[NB], float (&with)[NB]) {
   const int row = chunk * kChunkRows + threadIdx.x % 32;
-  const int src = chunk < 0 ? -1 : a.layer.xmap ? __ldg(a.layer.xmap + row) : row;
+  const int src = a.layer.xmap ? __ldg(a.layer.xmap + row) : row;
   const T* x = static_cast<const T*>(a.in.x);
 #pragma unroll
   for (int b = 0; b < NB; ++b) v[b] = src >= 0 ? Io<T>::load(x[b * a.in.ldx + src]) : 0.0f;
@@ -181,13 +186,14 @@ __device__ void stage_x(const GemvArgs& a, int first, const StagedX& xs) {
     float v[passes][NB], with[passes][NB];
 #pragma unroll
     for (int p = 0; p < passes; ++p) {
-      const int s = s0 + p * kWarps;
-      load_chunk_x<T, NB>(a, s < a.x_slots ? (first + s) % chunks : -1, v[p], with[p]);
+      const int s = s0 + p * kWarps, chunk = first + s;  // first < chunks, s < x_slots <= chunks
+      if (s >= a.x_slots) break;
+      load_chunk_x<T, NB>(a, chunk < chunks ? chunk : chunk - chunks, v[p], with[p]);
     }
     if (s0 == warp && a.in.norm.sumsq != nullptr) row_inv_rms<NB>(a.in.norm, inv_rms);  // while x's loads fly
 #pragma unroll
     for (int p = 0; p < passes; ++p) {
-      if (s0 + p * kWarps >= a.x_slots) continue;
+      if (s0 + p * kWarps >= a.x_slots) break;
       finish_chunk_x<T, NB>(a, with[p], inv_rms, v[p]);
       store_chunk_x<NB>(v[p], s0 + p * kWarps, a.x_slots, xs);
     }
@@ -320,7 +326,9 @@ __device__ __forceinline__ void request_item(const GemvArgs& a, const Block& blk
   const int4 m = meta[blk.slot_of(cur.chunk, L.chunks)];
   const uint4* words = reinterpret_cast<const uint4*>(L.words) + tile_major4(L.word_rows, m.x, col4);
   const int bits = min(m.y, a.out.max_bits);
-  for (int k = 0; k < bits; ++k) cp_async16(ring + k * 32, words + k * 32);  // a chunk's rows are contiguous
+#pragma unroll
+  for (int k = 0; k < 8; ++k)  // a chunk's rows are contiguous; 2 to 8 of them
+    if (k < kMinBits || k < bits) cp_async16(ring + k * 32, words + k * 32);
   const uint4* scales = reinterpret_cast<const uint4*>(L.scale_min) + tile_major4(L.groups, m.z, col4);
   cp_async16(ring + a.out.max_bits * 32, scales);
 }
@@ -402,6 +410,14 @@ __device__ void finish_tile(const GemvArgs& a, const Block& blk, int tile, const
   if (whole && a.out.sumsq != nullptr) store_tile_sumsq<NB>(a, tile, sq);
 }
 
+// counter += 1 → its value before, as a release of what this block wrote before a __syncthreads (barriers
+// are cumulative) and an acquire of what the blocks that counted before wrote
+__device__ __forceinline__ int count_acq_rel(int* counter) {
+  int before;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
+  return before;
+}
+
 // The blocks sharing `tile`: the first and the last to hold any of its chunks.
 __device__ __forceinline__ int first_block_of(const GemvArgs& a, int tile) {
   return tile * a.layer.chunks / a.items_per_block;
@@ -436,16 +452,14 @@ template <typename T, int NB>
 __device__ void settle_shared_tiles(const GemvArgs& a, const Block& blk) {
   __shared__ int is_last[kPartialSlots];
   const int chunks = a.layer.chunks;
-  __threadfence();  // the partial sums are visible before the counts say so
-  __syncthreads();
+  __syncthreads();  // every thread's partial sums are written before a count releases them
   if (threadIdx.x % 32 == 0 && threadIdx.x / 32 < kPartialSlots) {  // warp p counts slot p's tile
     const int p = threadIdx.x / 32, tile = p == 0 ? blk.first_tile : blk.last_tile;
     const bool shared = !blk.whole(tile, chunks) && (p == 0 || tile != blk.first_tile);
-    is_last[p] = shared && atomicAdd(a.counters + tile, 1) == last_block_of(a, tile) - first_block_of(a, tile);
+    is_last[p] = shared && count_acq_rel(a.counters + tile) == last_block_of(a, tile) - first_block_of(a, tile);
   }
-  __syncthreads();
+  __syncthreads();  // the last count acquired every block's partial sums for the whole block
   if (!is_last[0] && !is_last[1]) return;
-  __threadfence();
   if (is_last[0]) add_partials<T, NB>(a, blk.first_tile);
   if (is_last[0] && is_last[1]) __syncthreads();  // store_tile_sumsq's shared memory is free again
   if (is_last[1]) add_partials<T, NB>(a, blk.last_tile);
@@ -499,11 +513,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerMultiprocessor<NB>)
   // Steps 1-2 read only the layer, so under programmatic dependent launch they overlap the end of
   // the kernel before, whose output (x, the residual) is read only after grid_dependency_wait.
   allow_next_kernel();
-  for (int s = threadIdx.x; s < a.x_slots; s += kThreads)
-    meta[s] = __ldg(reinterpret_cast<const int4*>(L.meta) + (blk.first_chunk + s) % chunks);
+  for (int s = threadIdx.x; s < a.x_slots; s += kThreads) {
+    const int chunk = blk.first_chunk + s;  // < 2 chunks
+    meta[s] = __ldg(reinterpret_cast<const int4*>(L.meta) + (chunk < chunks ? chunk : chunk - chunks));
+  }
   __syncthreads();
   ItemCursor ahead(blk.begin, blk.end, chunks), cur = ahead;
-  for (int k = 0; k < a.stages - 1; ++k) {
+  for (int k = 0; k < a.stages; ++k) {  // every slot in flight while x is staged
     if (ahead.valid()) {
       request_item(a, blk, ahead, meta, ring + k * slot_uint4s);
       ahead.next();
@@ -514,26 +530,27 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerMultiprocessor<NB>)
   stage_x<T, NB>(a, blk.first_chunk, xs);
   __syncthreads();
 
-  // 4. tile by tile: request a chunk stages - 1 ahead, compute the oldest
-  int k = 0;
+  // 4. tile by tile: compute the oldest chunk in flight, then request the next into its slot
+  int ring_slot = 0;  // of chunk k: k mod stages
   for (int tile = blk.first_tile; tile <= blk.last_tile; ++tile) {
     float acc[NB][4];
 #pragma unroll
     for (int b = 0; b < NB; ++b)
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[b][c] = 0.0f;
-    for (; cur.valid() && cur.tile == tile; cur.next(), ++k) {
-      if (ahead.valid()) {
-        request_item(a, blk, ahead, meta, ring + ((k + a.stages - 1) % a.stages) * slot_uint4s);
-        ahead.next();
-      }
-      cp_async_commit();
-      cp_async_wait_all_but(a.stages - 1);
+    for (; cur.valid() && cur.tile == tile; cur.next()) {
+      cp_async_wait_all_but(a.stages - 1);  // this chunk has landed: only the stages - 1 requests after it fly
       const int slot = blk.slot_of(cur.chunk, chunks);
-      const uint4* mine = ring + (k % a.stages) * slot_uint4s;
+      uint4* mine = ring + ring_slot * slot_uint4s;
       with_width(meta[slot].y, [&](auto width) {
         gemv_chunk<NB, decltype(width)::bits>(mine, a.out.max_bits, slot, a.x_slots, xs, acc);
       });
+      if (ahead.valid()) {  // the slot's words are in registers: it takes the chunk stages ahead
+        request_item(a, blk, ahead, meta, mine);
+        ahead.next();
+      }
+      cp_async_commit();
+      ring_slot = ring_slot + 1 == a.stages ? 0 : ring_slot + 1;
     }
     finish_tile<T, NB>(a, blk, tile, acc, red);
   }
