@@ -76,6 +76,12 @@ __device__ __forceinline__ void cp_async16(void* shared, const void* global) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(shared));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(global) : "memory");
 }
+// Row K of a chunk's words: 512 bytes (32 lanes × 16) past row 0 both in the layer and in the ring; the
+// offset is an immediate, so that a request computes one address in each space.
+template <int K>
+__device__ __forceinline__ void cp_async16_row(unsigned shared, const void* global) {
+  asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%2], 16;" ::"r"(shared), "l"(global), "n"(K * 512) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 // wait until at most stages - 1 groups are pending (stages is uniform: no divergence)
 __device__ __forceinline__ void cp_async_wait_all_but(int pending) {
@@ -148,12 +154,11 @@ __device__ __forceinline__ void store_chunk_x(const float (&v)[NB], int slot, in
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int b = 0; b < NB; ++b) {
-    float amax = fabsf(v[b]), sum = v[b];
+    // the largest |x|: non-negative floats order as their bit patterns do, so one integer reduction finds it
+    const float amax = __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(fabsf(v[b]))));
+    float sum = v[b];
 #pragma unroll
-    for (int o = 16; o; o >>= 1) {
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-      sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    }
+    for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
     const float scale = amax / 127.0f, inverse = scale > 0.0f ? 1.0f / scale : 0.0f;  // as the CPU's int8 kernel
     const float scaled = v[b] * inverse, hi = rintf(scaled);
     int8_t* q = xs.q + (b * kXTerms * x_slots + slot) * kChunkRows + lane;
@@ -174,9 +179,10 @@ __device__ __forceinline__ void store_chunk_x(const float (&v)[NB], int slot, in
 }
 
 // Slots s = warp, warp + 8, ... hold chunk (first + s) mod chunks; loads go out `passes` at a time
-// so that staging costs a few memory latencies rather than one per chunk.
-template <typename T, int NB>
-__device__ void stage_x(const GemvArgs& a, int first, const StagedX& xs) {
+// so that staging costs a few memory latencies rather than one per chunk. `while_loads_fly` runs once,
+// after the warp's first loads are out.
+template <typename T, int NB, typename F>
+__device__ void stage_x(const GemvArgs& a, int first, const StagedX& xs, F&& while_loads_fly) {
   constexpr int passes = NB <= 2 ? 8 : NB <= 4 ? 4 : 2;
   const int warp = threadIdx.x / 32, chunks = a.layer.chunks;
   float inv_rms[NB];
@@ -190,7 +196,10 @@ __device__ void stage_x(const GemvArgs& a, int first, const StagedX& xs) {
       if (s >= a.x_slots) break;
       load_chunk_x<T, NB>(a, chunk < chunks ? chunk : chunk - chunks, v[p], with[p]);
     }
-    if (s0 == warp && a.in.norm.sumsq != nullptr) row_inv_rms<NB>(a.in.norm, inv_rms);  // while x's loads fly
+    if (s0 == warp) {
+      while_loads_fly();
+      if (a.in.norm.sumsq != nullptr) row_inv_rms<NB>(a.in.norm, inv_rms);
+    }
 #pragma unroll
     for (int p = 0; p < passes; ++p) {
       if (s0 + p * kWarps >= a.x_slots) break;
@@ -198,6 +207,7 @@ __device__ void stage_x(const GemvArgs& a, int first, const StagedX& xs) {
       store_chunk_x<NB>(v[p], s0 + p * kWarps, a.x_slots, xs);
     }
   }
+  if (warp >= a.x_slots) while_loads_fly();  // a warp without slots
 }
 
 // ---- one chunk ------------------------------------------------------------------------------------
@@ -326,9 +336,11 @@ __device__ __forceinline__ void request_item(const GemvArgs& a, const Block& blk
   const int4 m = meta[blk.slot_of(cur.chunk, L.chunks)];
   const uint4* words = reinterpret_cast<const uint4*>(L.words) + tile_major4(L.word_rows, m.x, col4);
   const int bits = min(m.y, a.out.max_bits);
-#pragma unroll
-  for (int k = 0; k < 8; ++k)  // a chunk's rows are contiguous; 2 to 8 of them
-    if (k < kMinBits || k < bits) cp_async16(ring + k * 32, words + k * 32);
+  const unsigned shared = static_cast<unsigned>(__cvta_generic_to_shared(ring));
+  static_for<8>([&](auto k) {  // a chunk's rows are contiguous; 2 to 8 of them
+    constexpr int row = decltype(k)::value;
+    if (row < kMinBits || row < bits) cp_async16_row<row>(shared, words);
+  });
   const uint4* scales = reinterpret_cast<const uint4*>(L.scale_min) + tile_major4(L.groups, m.z, col4);
   cp_async16(ring + a.out.max_bits * 32, scales);
 }
@@ -519,15 +531,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerMultiprocessor<NB>)
   }
   __syncthreads();
   ItemCursor ahead(blk.begin, blk.end, chunks), cur = ahead;
-  for (int k = 0; k < a.stages; ++k) {  // every slot in flight while x is staged
-    if (ahead.valid()) {
-      request_item(a, blk, ahead, meta, ring + k * slot_uint4s);
-      ahead.next();
+  auto request_slots = [&](int from, int to) {
+    for (int k = from; k < to; ++k) {
+      if (ahead.valid()) {
+        request_item(a, blk, ahead, meta, ring + k * slot_uint4s);
+        ahead.next();
+      }
+      cp_async_commit();
     }
-    cp_async_commit();
-  }
+  };
+  request_slots(0, 1);
   grid_dependency_wait();
-  stage_x<T, NB>(a, blk.first_chunk, xs);
+  // the other slots go in flight behind x's loads, so that x does not wait for them
+  stage_x<T, NB>(a, blk.first_chunk, xs, [&] { request_slots(1, a.stages); });
   __syncthreads();
 
   // 4. tile by tile: compute the oldest chunk in flight, then request the next into its slot
@@ -563,11 +579,10 @@ int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
 struct GemvPlan {
   int grid, items_per_block, x_slots, stages;
   size_t shared;
-  bool dependent;  // launched with programmatic dependent launch (sm_90: griddepcontrol)
 };
 
 struct DeviceInfo {
-  int multiprocessors = 1, shared_per_multiprocessor = 0, major = 0;
+  int multiprocessors = 1, shared_per_multiprocessor = 0;
 };
 
 DeviceInfo current_device() {
@@ -576,7 +591,6 @@ DeviceInfo current_device() {
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&d.multiprocessors, cudaDevAttrMultiProcessorCount, device);
   cudaDeviceGetAttribute(&d.shared_per_multiprocessor, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
-  cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device);
   return d;
 }
 
@@ -590,11 +604,11 @@ GemvPlan plan_gemv(const QLayer& L, int batch, int target_blocks) {
   if (std::min(per_block, L.chunks) > max_slots) per_block = max_slots;
   grid = ceil_div(items, per_block);
   per_block = ceil_div(items, grid);  // the same grid, runs as even as can be
-  return GemvPlan{grid, per_block, std::min(per_block, L.chunks), 0, 0, false};
+  return GemvPlan{grid, per_block, std::min(per_block, L.chunks), 0, 0};
 }
 
 // The deepest ring (kMinStages at least) that lets the blocks one multiprocessor gets fit it
-// together, and how the kernel is launched on this device.
+// together.
 void fit_device(GemvPlan& p, int batch, int target_blocks, int max_bits, const DeviceInfo& d) {
   const int blocks = std::max(1, ceil_div(target_blocks, d.multiprocessors));
   const int budget = d.shared_per_multiprocessor / blocks - 1024 - 64;  // the runtime's reserve, static shared
@@ -602,7 +616,6 @@ void fit_device(GemvPlan& p, int batch, int target_blocks, int max_bits, const D
   const int per_stage = kWarps * SharedLayout::slot_bytes(max_bits);
   p.stages = std::max(kMinStages, std::min(kMaxStages, (budget - fixed) / per_stage));
   p.shared = SharedLayout(batch, p.x_slots, p.stages, max_bits).total;
-  p.dependent = d.major >= 9;
 }
 
 template <typename T, int NB>
@@ -612,19 +625,7 @@ cudaError_t launch_gemv(const GemvGroup& g, const GemvPlan& p, cudaStream_t stre
         cudaFuncSetAttribute(qgemv_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(p.shared));
     if (err != cudaSuccess) return err;
   }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(p.grid);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = p.shared;
-  config.stream = stream;
-  cudaLaunchAttribute overlap[1];
-  overlap[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  overlap[0].val.programmaticStreamSerializationAllowed = 1;
-  if (p.dependent) {
-    config.attrs = overlap;
-    config.numAttrs = 1;
-  }
-  return cudaLaunchKernelEx(&config, qgemv_kernel<T, NB>, g);
+  return launch_dependent(qgemv_kernel<T, NB>, dim3(p.grid), dim3(kThreads), p.shared, stream, g);
 }
 
 template <typename T>
@@ -683,7 +684,7 @@ cudaError_t qgemv(const GemvInput& in, const QLayer* layers, const GemvOutput* o
   plan_layers(layers, count, batch, target_blocks, slots, plans);
   const DeviceInfo device = current_device();
   GemvGroup g{};
-  GemvPlan launch{0, 0, 0, 0, 0, false};
+  GemvPlan launch{0, 0, 0, 0, 0};
   for (int i = 0; i < count; ++i) {
     const QLayer& L = layers[i];
     const GemvOutput& o = outs[i];
@@ -699,7 +700,6 @@ cudaError_t qgemv(const GemvInput& in, const QLayer* layers, const GemvOutput* o
       launch.grid += p.grid;
     }
     launch.shared = std::max(launch.shared, p.shared);
-    launch.dependent = p.dependent;
   }
   g.first_block[count] = launch.grid;
   g.count = count;
