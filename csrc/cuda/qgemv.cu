@@ -28,7 +28,7 @@ constexpr int kStageBytes = 32 * 1024;         // staged x per block
 // alone is the CPU int8 kernel's quantization: largest |x| → 127; lo carries its rounding, 1/254 finer)
 constexpr int kXTerms = 2;
 constexpr int kLowSteps = 254;
-constexpr int kStageBytesPerChunkRow = kXTerms * kChunkRows + 3 * 4;  // the terms + scale, sum, integer sum
+constexpr int kStageBytesPerChunkRow = kXTerms * kChunkRows + 12;  // the terms + scale, integer sum, padding
 constexpr int kMinStages = 2, kMaxStages = 4;  // chunks a warp has in its ring
 constexpr int kPartialSlots = 2;               // a block shares at most its first and last tile
 constexpr int kMinBits = 2;                    // the narrowest chunk
@@ -56,16 +56,19 @@ struct GemvGroup {  // a launch: layer i takes blocks [first_block[i], first_blo
 __host__ __device__ constexpr int align16(int bytes) { return (bytes + 15) / 16 * 16; }
 __host__ __device__ inline int tiles_of(const QLayer& L) { return L.out_pad / kWarpCols; }  // out_pad: whole tiles
 
+// The x info takes 8 bytes a (row, chunk) but the ring starts 12 bytes a (row, chunk) past it, where it
+// started when the info held a third value: measured on the H100, the ring's offset alone moves the large
+// shapes by up to 2.5 µs (at 8 bytes: 4096x14336 16.3 µs against 13.8), for a reason not yet found.
+constexpr int kXInfoPitch = 12;
+
 // Where a block's shared memory goes (bytes), for NB rows of x.
 struct SharedLayout {
-  int meta, xq, xscale, xsum, xqsum, ring, red, total;
+  int meta, xq, xinfo, ring, red, total;
   __host__ __device__ SharedLayout(int nb, int x_slots, int stages, int max_bits) {
     meta = 0;                                            // int4 [x_slots]
     xq = meta + x_slots * 16;                            // int8 [nb, kXTerms, x_slots, 32]
-    xscale = xq + nb * kXTerms * x_slots * kChunkRows;   // float [nb, x_slots]
-    xsum = xscale + nb * x_slots * 4;                    // float [nb, x_slots]
-    xqsum = xsum + nb * x_slots * 4;                     // int [nb, x_slots]
-    ring = align16(xqsum + nb * x_slots * 4);            // uint4 [warps, stages, max_bits + 1, 32]
+    xinfo = align16(xq + nb * kXTerms * x_slots * kChunkRows);  // int2 [nb, x_slots]
+    ring = align16(xinfo + nb * x_slots * kXInfoPitch);  // uint4 [warps, stages, max_bits + 1, 32]
     red = ring + kWarps * stages * slot_bytes(max_bits);  // float [warps, nb, 128]
     total = red + kWarps * nb * kWarpCols * 4;
   }
@@ -96,14 +99,13 @@ __device__ __forceinline__ void cp_async_wait_all_but(int pending) {
 
 // ---- staging x --------------------------------------------------------------------------------
 // x goes to shared memory as int8 per (row, chunk) in row order (4 rows a word, as the weights' quads),
-// in kXTerms terms, with each (row, chunk)'s scale, exact float sum and the sum of its integers (for
-// the centring). One warp stages one chunk: lane = row within it.
+// in kXTerms terms, with each (row, chunk)'s scale and the sum of its integers (scale times it is the
+// quantized x's sum, for the centring and the minimum). One warp stages one chunk: lane = row within it.
 
 struct StagedX {  // views of the block's shared memory
   int8_t* q;      // [nb, kXTerms, x_slots, 32]
-  float* scale;   // [nb, x_slots]: x ≈ scale · (kLowSteps·hi + lo) (kXTerms = 2), scale · hi (1)
-  float* sum;     // [nb, x_slots]: Σ x
-  int* qsum;      // [nb, x_slots]: Σ of the integers scale multiplies
+  int2* info;     // [nb, x_slots]: (scale's bits, qsum): x ≈ scale · (kLowSteps·hi + lo) (kXTerms = 2),
+                  // scale · hi (1); qsum the sum of those integers over the chunk
 };
 
 // x rows of `chunk` as this lane's values (0 in padding), and what they are finished with
@@ -154,12 +156,11 @@ __device__ __forceinline__ void store_chunk_x(const float (&v)[NB], int slot, in
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int b = 0; b < NB; ++b) {
-    // the largest |x|: non-negative floats order as their bit patterns do, so one integer reduction finds it
+    // the largest |x|: non-negative floats order as their bit patterns do, so one integer reduction finds it;
+    // it goes to ±127 (the CPU's int8 kernel divides where this multiplies: hi may differ by one there, and
+    // lo takes the difference)
     const float amax = __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(fabsf(v[b]))));
-    float sum = v[b];
-#pragma unroll
-    for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    const float scale = amax / 127.0f, inverse = scale > 0.0f ? 1.0f / scale : 0.0f;  // as the CPU's int8 kernel
+    const float scale = amax * (1.0f / 127.0f), inverse = scale > 0.0f ? __frcp_rn(scale) : 0.0f;
     const float scaled = v[b] * inverse, hi = rintf(scaled);
     int8_t* q = xs.q + (b * kXTerms * x_slots + slot) * kChunkRows + lane;
     q[0] = int8_t(hi);
@@ -170,11 +171,8 @@ __device__ __forceinline__ void store_chunk_x(const float (&v)[NB], int slot, in
       value = value * kLowSteps + lo;
     }
     const int qsum = __reduce_add_sync(0xffffffffu, value);
-    if (lane == 0) {
-      xs.scale[b * x_slots + slot] = kXTerms == 2 ? scale / kLowSteps : scale;
-      xs.sum[b * x_slots + slot] = sum;
-      xs.qsum[b * x_slots + slot] = qsum;
-    }
+    const float step = kXTerms == 2 ? scale / kLowSteps : scale;
+    if (lane == 0) xs.info[b * x_slots + slot] = make_int2(__float_as_int(step), qsum);
   }
 }
 
@@ -222,7 +220,7 @@ __device__ __forceinline__ int dp4a(uint32_t q, uint32_t x, int acc) {  // Σ of
 // max_bits their group's half2 (scale, min) ×4): integer dot products of q with the staged x
 // terms, quad by quad (dp4a), centred exactly in integers (Σ (q − 2^(b−1))·x = Σ q·x − 2^(b−1)·Σ x);
 // then in float32 acc += scale·xscale·dot + (min + 2^(b−1)·scale)·Σx (the second term restores
-// the centring and the minimum with x's exact sum).
+// the centring and the minimum with the quantized x's sum, xscale·qsum).
 template <int NB, int BITS>
 __device__ __forceinline__ void gemv_chunk(const uint4* words, int max_bits, int slot, int x_slots, const StagedX& xs,
                                            float (&acc)[NB][4]) {
@@ -269,8 +267,9 @@ __device__ __forceinline__ void gemv_chunk(const uint4* words, int max_bits, int
   }
 #pragma unroll
   for (int b = 0; b < NB; ++b) {
-    const float xsc = xs.scale[b * x_slots + slot], x_sum = xs.sum[b * x_slots + slot];
-    const int centring = centre * xs.qsum[b * x_slots + slot];
+    const int2 info = xs.info[b * x_slots + slot];
+    const float xsc = __int_as_float(info.x), x_sum = xsc * float(info.y);  // the quantized x's sum
+    const int centring = centre * info.y;
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int d = (kXTerms == 2 ? dot[b][0][c] * kLowSteps + dot[b][1][c] : dot[b][0][c]) - centring;
@@ -281,17 +280,36 @@ __device__ __forceinline__ void gemv_chunk(const uint4* words, int max_bits, int
 
 // ---- the block's items -------------------------------------------------------------------------
 
+struct Block {
+  int index;        // among the layer's blocks
+  int begin, end;   // items
+  int first_tile, last_tile;
+  int first_chunk;  // x slot 0 holds this chunk
+  __device__ Block(const GemvArgs& a, int index_) : index(index_) {
+    const int chunks = a.layer.chunks;
+    begin = index * a.items_per_block;
+    end = min(begin + a.items_per_block, tiles_of(a.layer) * chunks);
+    first_tile = begin / chunks;
+    last_tile = (end - 1) / chunks;
+    first_chunk = a.items_per_block >= chunks ? 0 : begin - first_tile * chunks;
+  }
+  __device__ int slot_of(int chunk, int chunks) const {
+    return chunk >= first_chunk ? chunk - first_chunk : chunk - first_chunk + chunks;
+  }
+  __device__ bool whole(int tile, int chunks) const { return tile * chunks >= begin && (tile + 1) * chunks <= end; }
+};
+
 // A warp's walk over its block's items, as (tile, chunk): within each tile's run of the block,
 // chunks warp, warp + 8, ... from the run's start (every warp's items of a tile come before any of
 // the next tile's). Divides only when made.
 struct ItemCursor {
   int tile, chunk, run_end;  // run_end: the end of this tile's run (chunks)
   int last_tile, last_end, chunks;
-  __device__ ItemCursor(int begin, int end, int chunks_) : chunks(chunks_) {
-    tile = begin / chunks;
-    chunk = begin % chunks + threadIdx.x / 32;
-    last_tile = (end - 1) / chunks;
-    last_end = end - last_tile * chunks;
+  __device__ ItemCursor(const Block& blk, int chunks_) : chunks(chunks_) {
+    tile = blk.first_tile;
+    chunk = blk.begin - tile * chunks + threadIdx.x / 32;
+    last_tile = blk.last_tile;
+    last_end = blk.end - last_tile * chunks;
     run_end = tile == last_tile ? last_end : chunks;
     settle();
   }
@@ -309,24 +327,6 @@ struct ItemCursor {
   __device__ bool valid() const { return chunk < run_end; }
 };
 
-struct Block {
-  int index;        // among the layer's blocks
-  int begin, end;   // items
-  int first_tile, last_tile;
-  int first_chunk;  // x slot 0 holds this chunk
-  __device__ Block(const GemvArgs& a, int index_) : index(index_) {
-    const int chunks = a.layer.chunks;
-    begin = index * a.items_per_block;
-    end = min(begin + a.items_per_block, tiles_of(a.layer) * chunks);
-    first_tile = begin / chunks;
-    last_tile = (end - 1) / chunks;
-    first_chunk = a.items_per_block >= chunks ? 0 : begin % chunks;
-  }
-  __device__ int slot_of(int chunk, int chunks) const {
-    return chunk >= first_chunk ? chunk - first_chunk : chunk - first_chunk + chunks;
-  }
-  __device__ bool whole(int tile, int chunks) const { return tile * chunks >= begin && (tile + 1) * chunks <= end; }
-};
 
 // Put item `cur`'s words and scales in flight into ring slot `slot` of this thread.
 __device__ __forceinline__ void request_item(const GemvArgs& a, const Block& blk, const ItemCursor& cur,
@@ -515,8 +515,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerMultiprocessor<NB>)
   if (blk.begin >= blk.end) return;
   const SharedLayout at(NB, a.x_slots, a.stages, a.out.max_bits);
   int4* meta = reinterpret_cast<int4*>(smem + at.meta);
-  const StagedX xs{reinterpret_cast<int8_t*>(smem + at.xq), reinterpret_cast<float*>(smem + at.xscale),
-                   reinterpret_cast<float*>(smem + at.xsum), reinterpret_cast<int*>(smem + at.xqsum)};
+  const StagedX xs{reinterpret_cast<int8_t*>(smem + at.xq), reinterpret_cast<int2*>(smem + at.xinfo)};
   const int slot_uint4s = SharedLayout::slot_bytes(a.out.max_bits) / 16;
   uint4* ring = reinterpret_cast<uint4*>(smem + at.ring) + size_t(warp) * a.stages * slot_uint4s + lane;
   float* red = reinterpret_cast<float*>(smem + at.red);
@@ -530,7 +529,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerMultiprocessor<NB>)
     meta[s] = __ldg(reinterpret_cast<const int4*>(L.meta) + (chunk < chunks ? chunk : chunk - chunks));
   }
   __syncthreads();
-  ItemCursor ahead(blk.begin, blk.end, chunks), cur = ahead;
+  ItemCursor ahead(blk, chunks), cur = ahead;
   auto request_slots = [&](int from, int to) {
     for (int k = from; k < to; ++k) {
       if (ahead.valid()) {
