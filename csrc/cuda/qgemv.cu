@@ -28,7 +28,7 @@ constexpr int kStageBytes = 32 * 1024;         // staged x per block
 // alone is the CPU int8 kernel's quantization: largest |x| → 127; lo carries its rounding, 1/254 finer)
 constexpr int kXTerms = 2;
 constexpr int kLowSteps = 254;
-constexpr int kStageBytesPerChunkRow = kXTerms * kChunkRows + 12;  // the terms + scale, integer sum, padding
+constexpr int kStageBytesPerChunkRow = kXTerms * kChunkRows + 8;  // the terms + scale, integer sum
 constexpr int kMinStages = 2, kMaxStages = 4;  // chunks a warp has in its ring
 constexpr int kPartialSlots = 2;               // a block shares at most its first and last tile
 constexpr int kMinBits = 2;                    // the narrowest chunk
@@ -56,10 +56,10 @@ struct GemvGroup {  // a launch: layer i takes blocks [first_block[i], first_blo
 __host__ __device__ constexpr int align16(int bytes) { return (bytes + 15) / 16 * 16; }
 __host__ __device__ inline int tiles_of(const QLayer& L) { return L.out_pad / kWarpCols; }  // out_pad: whole tiles
 
-// The x info takes 8 bytes a (row, chunk) but the ring starts 12 bytes a (row, chunk) past it, where it
-// started when the info held a third value: measured on the H100, the ring's offset alone moves the large
-// shapes by up to 2.5 µs (at 8 bytes: 4096x14336 16.3 µs against 13.8), for a reason not yet found.
-constexpr int kXInfoPitch = 12;
+// Where the ring starts within 128 bytes. Measured on the H100 (docs/CUDA.md), the ring's offset alone
+// moves every shape: 16, 48, 80 or 112 bytes past a 128-byte boundary (16 past a 32-byte one) run
+// fastest, 112 best; 0, 32, 64 or 96 up to 3 µs slower. Why is not known yet.
+constexpr int kRingPhase = 112;
 
 // Where a block's shared memory goes (bytes), for NB rows of x.
 struct SharedLayout {
@@ -68,7 +68,7 @@ struct SharedLayout {
     meta = 0;                                            // int4 [x_slots]
     xq = meta + x_slots * 16;                            // int8 [nb, kXTerms, x_slots, 32]
     xinfo = align16(xq + nb * kXTerms * x_slots * kChunkRows);  // int2 [nb, x_slots]
-    ring = align16(xinfo + nb * x_slots * kXInfoPitch);  // uint4 [warps, stages, max_bits + 1, 32]
+    ring = (xinfo + nb * x_slots * 8 + 127) / 128 * 128 + kRingPhase;  // uint4 [warps, stages, max_bits + 1, 32]
     red = ring + kWarps * stages * slot_bytes(max_bits);  // float [warps, nb, 128]
     total = red + kWarps * nb * kWarpCols * 4;
   }
