@@ -25,7 +25,7 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kStageBytes = 32 * 1024;         // staged x per block
 // x is staged as int8 per (row, chunk), in kXTerms terms: x ≈ scale·(hi + lo/kLowSteps), hi and lo int8 (hi
-// alone is the CPU int8 kernel's quantization: largest |x| → 127; lo carries its rounding, 1/254 finer)
+// alone is the CPU int8 kernel's kind of quantization: largest |x| → 127; lo carries its rounding, 1/254 finer)
 constexpr int kXTerms = 2;
 constexpr int kLowSteps = 254;
 constexpr int kStageBytesPerChunkRow = kXTerms * kChunkRows + 8;  // the terms + scale, integer sum
@@ -86,14 +86,13 @@ __device__ __forceinline__ void cp_async16_row(unsigned shared, const void* glob
   asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%2], 16;" ::"r"(shared), "l"(global), "n"(K * 512) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-// wait until at most stages - 1 groups are pending (stages is uniform: no divergence)
+// wait until at most `pending` (stages - 1) groups are pending (uniform: no divergence)
+static_assert(kMaxStages <= 4, "cp_async_wait_all_but waits with at most 3 groups pending");
 __device__ __forceinline__ void cp_async_wait_all_but(int pending) {
   switch (pending) {
     case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
     case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
-    case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
-    case 4: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
-    default: asm volatile("cp.async.wait_group 5;" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
   }
 }
 
@@ -327,7 +326,6 @@ struct ItemCursor {
   __device__ bool valid() const { return chunk < run_end; }
 };
 
-
 // Put item `cur`'s words and scales in flight into ring slot `slot` of this thread.
 __device__ __forceinline__ void request_item(const GemvArgs& a, const Block& blk, const ItemCursor& cur,
                                              const int4* meta, uint4* ring) {
@@ -520,9 +518,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerMultiprocessor<NB>)
   uint4* ring = reinterpret_cast<uint4*>(smem + at.ring) + size_t(warp) * a.stages * slot_uint4s + lane;
   float* red = reinterpret_cast<float*>(smem + at.red);
 
-  // 1. the block's chunk metadata; 2. each warp's first chunks in flight; 3. x, while they arrive.
-  // Steps 1-2 read only the layer, so under programmatic dependent launch they overlap the end of
-  // the kernel before, whose output (x, the residual) is read only after grid_dependency_wait.
+  // 1. the block's chunk metadata; 2. each warp's first chunk in flight; 3. x's loads, the ring's other
+  // slots behind them, x staged. Steps 1-2 read only the layer, so under programmatic dependent launch
+  // they overlap the end of the kernel before, whose output (x, the residual) is read only after
+  // grid_dependency_wait.
   allow_next_kernel();
   for (int s = threadIdx.x; s < a.x_slots; s += kThreads) {
     const int chunk = blk.first_chunk + s;  // < 2 chunks
