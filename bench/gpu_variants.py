@@ -93,6 +93,12 @@ def main() -> None:
     if missing:
         sys.exit(f"gpu_variants: not a folder: {', '.join(missing)}")
     package = installed_package()
+    if not (package / "csrc" / "cuda").is_dir():  # an editable install keeps csrc/ outside the package
+        sys.exit(f"gpu_variants: {package} has no csrc/cuda/: install trimtab as a package (pip install .)")
+    sources = {f.name for f in (package / "csrc" / "cuda").iterdir()}
+    strays = [str(f) for v in args.variants for f in v.iterdir() if f.name not in sources]
+    if strays:  # a misspelt name would be copied beside the sources and never built
+        sys.exit(f"gpu_variants: not a file of csrc/cuda/: {', '.join(strays)}")
     builds = {v.name: prepare(v, package) for v in args.variants}
     for name, build in builds.items():
         if build.wait():
