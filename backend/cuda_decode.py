@@ -17,12 +17,12 @@ next norm needs (layer 0's norm, and a float head's, are trimtab's RMSNorm kerne
 projections: cuBLAS one at a time, and torch ops for SiLU and the adds). A mixture of experts
 (Mixtral) chooses its top-k experts on the GPU (router, softmax, top-k) and runs them as three
 routed GEMVs, each reading the chosen experts' indices from device memory, so the choice needs no
-host sync and stays in the graph. The graph reads the token and the position from device tensors written before each replay, attends over the whole static cache under
-a mask built from the position, and writes the logits into a static tensor (valid until the next
-step). A new cache object is captured anew. Batch 1,
-full or sliding-window attention, HF (non-interleaved) rotary. Under tensor parallelism each rank
-captures its share of every layer and the two all-reduces of a layer (NCCL, captured into the graph);
-the residual adds then follow the all-reduce instead of riding in the GEMV.
+host sync and stays in the graph. The graph reads the token and the position from device tensors
+written before each replay, attends over the whole static cache under a mask built from the position,
+and writes the logits into a static tensor (valid until the next step). A new cache object is
+captured anew. Batch 1, full or sliding-window attention, HF (non-interleaved) rotary. Under tensor
+parallelism each rank captures its share of every layer and the two all-reduces of a layer (NCCL,
+captured into the graph); the residual adds then follow the all-reduce instead of riding in the GEMV.
 """
 from __future__ import annotations
 

@@ -39,8 +39,8 @@ from .errors import TrimtabError
 from .ops import OnceBuilt, _build_root, _first_error_line, as_trimtab_error
 
 __all__ = ["available", "load_extension", "qrepack", "MAX_GEMV_LAYERS", "GemvLayer", "RowNorm", "qgemv",
-           "qgemv_workspace", "qgemv_counters", "qdequantize_t", "multiprocessor_count", "rms_norm", "silu_mul", "rotary_kv",
-           "decode_attention", "attention_workspace", "attention_supported"]
+           "qgemv_workspace", "qgemv_counters", "qdequantize_t", "multiprocessor_count", "rms_norm", "silu_mul",
+           "rotary_kv", "decode_attention", "attention_workspace", "attention_supported"]
 
 
 

@@ -219,6 +219,29 @@ def exl2_matrix(torch, exl_ext, k: int, n: int, bits: int = 4, gs: int = 128):
     return exl_ext.make_q_matrix(w, temp_dq), w, temp_dq
 
 
+def gemv_copies(torch, k: int, n: int, bpw: float = 4.0) -> list:
+    """COPIES CudaPackedLinears of one in×out shape at `bpw` (random weights, float16 activations)."""
+    from trimtab.backend.quant.cuda_linear import CudaPackedLinear
+
+    return [CudaPackedLinear(bench_layer(k, n, bpw), None, "cuda", torch.float16) for _ in range(COPIES)]
+
+
+def rotating_gemv_calls(copies: list, x) -> list:
+    """CALLS_PER_GRAPH GEMVs on x, over the weight copies in turn so that L2 cannot help: each copy one
+    layer (its own launch) or a list of layers on one input (one launch, as the decode step runs them)."""
+    from trimtab.backend.quant.cuda_linear import gemv
+
+    def call(copy):
+        return gemv(copy, x) if isinstance(copy, list) else copy.gemv(x)
+    return [lambda i=i: call(copies[i % COPIES]) for i in range(CALLS_PER_GRAPH)]
+
+
+def gemv_error_vs_dequantize(torch, linear, x) -> float:
+    """The GEMV on x against the dequantize kernel + matmul (itself checked against format.dequantize)."""
+    ref = linear.dequantized_matmul(x.expand(GEMV_CHECK_ROWS, x.shape[-1]).contiguous())[:1].float()
+    return relative_error(torch, linear.gemv(x).float(), ref)
+
+
 def time_kernels(results: dict) -> None:
     """Copy bandwidth; trimtab's GEMV (4.0 bpw and all 4-bit) and fp16 cuBLAS on the four shapes."""
     import torch
@@ -239,14 +262,12 @@ def time_kernels(results: dict) -> None:
             linears = [CudaPackedLinear(layer, None, "cuda", torch.float16) for layer in layers]
             CudaPackedLinear.blocks_per_multiprocessor, CudaPackedLinear.large_blocks_per_multiprocessor = default_grid
             bytes_read = linears[0].words.numel() * 4 + linears[0].scale_min.numel() * 2
-            calls = [lambda i=i: linears[i % COPIES].gemv(x) for i in range(CALLS_PER_GRAPH)]
+            calls = rotating_gemv_calls(linears, x)
             row[f"{label}_us"] = time_graph(torch, calls) * 1e6
             row[f"{label}_eager_us"] = time_eager(torch, calls) * 1e6
             row[f"{label}_bpw"] = layers[0].bits_per_weight()
             row[f"{label}_tbps"] = bytes_read / (row[f"{label}_us"] * 1e-6) / 1e12
-            # these shapes against the dequantize kernel (itself checked against format.dequantize)
-            ref = linears[0].dequantized_matmul(x.expand(GEMV_CHECK_ROWS, k).contiguous())[:1].float()
-            row[f"{label}_rel_error_vs_dequantize"] = relative_error(torch, linears[0].gemv(x).float(), ref)
+            row[f"{label}_rel_error_vs_dequantize"] = gemv_error_vs_dequantize(torch, linears[0], x)
             del layers, linears
         weights = [torch.randn(n, k, dtype=torch.half, device="cuda") * 0.02 for _ in range(COPIES)]
         calls = [lambda i=i: torch.nn.functional.linear(x, weights[i % COPIES]) for i in range(CALLS_PER_GRAPH)]
@@ -265,15 +286,14 @@ def time_groups(results: dict) -> None:
     """A layer's projections on one input (Llama-3-8B shapes, 4.0 bpw): one GEMV launch each against
     one launch for all (what the decode step runs); and the prefill's dequantize kernel's bandwidth."""
     import torch
-    from trimtab.backend.quant.cuda_linear import CudaPackedLinear, gemv
+    from trimtab.backend.quant.cuda_linear import CudaPackedLinear
 
     groups = results.setdefault("groups", {})
     for name, shapes in GROUPS.items():
         x = torch.randn(1, shapes[0][0], dtype=torch.half, device="cuda")
-        copies = [[CudaPackedLinear(bench_layer(k, n, 4.0), None, "cuda", torch.float16) for k, n in shapes]
-                  for _ in range(COPIES)]
+        copies = [list(group) for group in zip(*(gemv_copies(torch, k, n) for k, n in shapes))]
         separate = [lambda i=i: [linear.gemv(x) for linear in copies[i % COPIES]] for i in range(CALLS_PER_GRAPH)]
-        together = [lambda i=i: gemv(copies[i % COPIES], x) for i in range(CALLS_PER_GRAPH)]
+        together = rotating_gemv_calls(copies, x)
         groups[name] = {"separate_us": time_graph(torch, separate) * 1e6,
                         "one_launch_us": time_graph(torch, together) * 1e6}
         print(f"gemv group {name}: {groups[name]}", flush=True)
@@ -298,6 +318,11 @@ def exllamav2_builds() -> list[Path]:
     return list((Path.home() / ".cache" / "torch_extensions").glob("*/exllamav2_ext"))
 
 
+def exllamav2_building() -> bool:
+    """ExLlamaV2's JIT build runs now (its lock file exists)."""
+    return any((b / "lock").exists() for b in exllamav2_builds())
+
+
 def exllamav2_built() -> bool:
     """ExLlamaV2's JIT build is done: importing it now loads rather than compiles."""
     return any(list(b.glob("*.so")) and not (b / "lock").exists() for b in exllamav2_builds())
@@ -308,9 +333,9 @@ def wait_for_exllamav2_build(limit_s: float = 600.0) -> None:
     would take the host time their host-bound figures need (a warm machine once measured decode at
     273 instead of 345 tok/s, prefill through torch ops at 11,000 instead of 27,000)."""
     deadline = time.monotonic() + limit_s
-    if any((b / "lock").exists() for b in exllamav2_builds()):
+    if exllamav2_building():
         print("waiting for ExLlamaV2's JIT build to finish", flush=True)
-    while any((b / "lock").exists() for b in exllamav2_builds()) and time.monotonic() < deadline:
+    while exllamav2_building() and time.monotonic() < deadline:
         time.sleep(5)
 
 

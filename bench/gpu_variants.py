@@ -53,26 +53,21 @@ def time_here(name: str, decode: bool) -> None:
     sys.path.insert(0, str(BENCH))
     import torch
     import gpu_bench as gb
-    from trimtab.backend.quant.cuda_linear import CudaPackedLinear, gemv
+    from trimtab.backend.quant.cuda_linear import CudaPackedLinear
 
     if os.environ.get("TRIMTAB_BLOCKS"):
         small, large = map(int, os.environ["TRIMTAB_BLOCKS"].split(","))
         CudaPackedLinear.blocks_per_multiprocessor, CudaPackedLinear.large_blocks_per_multiprocessor = small, large
     row, errors = [], []
     for shape, (k, n) in gb.SHAPES.items():
-        layers = [CudaPackedLinear(gb.bench_layer(k, n, 4.0), None, "cuda", torch.float16) for _ in range(gb.COPIES)]
+        layers = gb.gemv_copies(torch, k, n)
         x = torch.randn(1, k, dtype=torch.half, device="cuda")
-        dense = torch.empty(k, n, dtype=torch.half, device="cuda")
-        gb.dequantize_into(layers[0], dense)
-        errors.append(f"{gb.relative_error(torch, layers[0].gemv(x), x @ dense):.1e}")
-        calls = [lambda i=i: layers[i % gb.COPIES].gemv(x) for i in range(gb.CALLS_PER_GRAPH)]
-        row.append(f"{shape} {gb.time_graph(torch, calls) * 1e6:.2f}")
+        errors.append(f"{gb.gemv_error_vs_dequantize(torch, layers[0], x):.1e}")
+        row.append(f"{shape} {gb.time_graph(torch, gb.rotating_gemv_calls(layers, x)) * 1e6:.2f}")
     for group, shapes in gb.GROUPS.items():
         x = torch.randn(1, shapes[0][0], dtype=torch.half, device="cuda")
-        copies = [[CudaPackedLinear(gb.bench_layer(k, n, 4.0), None, "cuda", torch.float16) for k, n in shapes]
-                  for _ in range(gb.COPIES)]
-        calls = [lambda i=i: gemv(copies[i % gb.COPIES], x) for i in range(gb.CALLS_PER_GRAPH)]
-        row.append(f"{group} {gb.time_graph(torch, calls) * 1e6:.2f}")
+        copies = [list(layers) for layers in zip(*(gb.gemv_copies(torch, k, n) for k, n in shapes))]
+        row.append(f"{group} {gb.time_graph(torch, gb.rotating_gemv_calls(copies, x)) * 1e6:.2f}")
     line = f"{name}: " + " | ".join(row) + " | error " + " ".join(errors)
     if decode:
         figures = gb.measure_model(gb.llama3_8b_model(True), 1024, decode_tokens=48)

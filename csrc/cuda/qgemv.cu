@@ -301,7 +301,7 @@ struct Block {
 
 // A warp's walk over its block's items, as (tile, chunk): within each tile's run of the block,
 // chunks warp, warp + 8, ... from the run's start (every warp's items of a tile come before any of
-// the next tile's). Divides only when made.
+// the next tile's). Made from the block's tiles: no division.
 struct ItemCursor {
   int tile, chunk, run_end;  // run_end: the end of this tile's run (chunks)
   int last_tile, last_end, chunks;
