@@ -9,12 +9,12 @@ the KV write, SDPA, casts and adds); launched one by one from Python that costs 
 the GPU needs for the weights (docs/CUDA.md), so the whole step is captured once into a CUDA graph
 and replayed per token. Where trimtab's decode kernels serve the model (head_dim 64/128/256, up to 8
 query heads per KV head) and its projections are quantized, a layer is 6 kernels: one GEMV for q, k
-and v that stages RMSNorm(x)·weight as its input, rotary + KV write, attention split over the cache
-(flash-decoding, 2 kernels), the o GEMV adding the residual, one GEMV for gate and up (the norm
-again inside), and the down GEMV that takes silu(gate)·up as its input and adds the residual. The o
-and down GEMVs write the residual stream's Σ x² per 128 columns as they store it, which is all the
-next norm needs (layer 0's norm, and a float head's, are trimtab's RMSNorm kernel; float
-projections: cuBLAS one at a time, and torch ops for SiLU and the adds). A mixture of experts
+and v that stages RMSNorm(x)·weight as its input, the attention (rotary, the KV write and attention
+split over the cache in one kernel, then the splits' merge), the o GEMV adding the residual, one GEMV for
+gate and up (the norm again inside), and the down GEMV that takes silu(gate)·up as its input and
+adds the residual. The o and down GEMVs write the residual stream's Σ x² per 128 columns as they
+store it, which is all the next norm needs (layer 0's norm, and a float head's, are trimtab's
+RMSNorm kernel; float projections: cuBLAS one at a time, and torch ops for SiLU and the adds). A mixture of experts
 (Mixtral) chooses its top-k experts on the GPU (router, softmax, top-k) and runs them as three
 routed GEMVs, each reading the chosen experts' indices from device memory, so the choice needs no
 host sync and stays in the graph. The graph reads the token and the position from device tensors
@@ -137,8 +137,8 @@ class CudaGraphDecoder:
         if self.fused:  # the GEMVs reserve their workspace in the warm-up, before the capture
             attn = self.model.layers[0].self_attn
             self.first_slot = cache.pad[:1]
-            self.attention_workspace = torch.empty(
-                cuda_ops.attention_workspace(attn.num_kv_heads, cache.max_len, attn.head_dim), device=device)
+            self.attention_workspace = cuda_ops.new_attention_workspace(attn.num_kv_heads, cache.max_len,
+                                                                        attn.head_dim, device)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):  # warm-up off the default stream, as capture needs
@@ -163,12 +163,11 @@ class CudaGraphDecoder:
         for layer in m.layers:
             attn = layer.self_attn
             keys, values = cache.keys[layer.index], cache.values[layer.index]  # [1, H_kv, T, hd]
-            qkv = _normed_projections((attn.q_proj, attn.k_proj, attn.v_proj), x, layer.input_layernorm, stats)
-            q = cuda_ops.rotary_kv(*qkv, keys, values, self.position, rope.inv_freq,
-                                   rope.attention_scaling, attn.head_dim, rotary_dim).view(1, -1)  # [1, H·hd]
-            out = cuda_ops.decode_attention(q, keys, values, self.position, self.first_slot,
-                                            self.attention_workspace, attn.head_dim ** -0.5,
-                                            layer.sliding_window or 0)
+            q, k, v = _normed_projections((attn.q_proj, attn.k_proj, attn.v_proj), x, layer.input_layernorm,
+                                          stats)
+            out = cuda_ops.decode_attention(q, k, v, keys, values, self.position, self.first_slot, rope.inv_freq,
+                                            rope.attention_scaling, rotary_dim, self.attention_workspace,
+                                            attn.head_dim ** -0.5, layer.sliding_window or 0)  # [1, H·hd]
             x, stats = _projection_plus(attn.o_proj, out, x, m.tp)
             mlp = layer.mlp
             if _is_gated(mlp):

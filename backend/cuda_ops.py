@@ -11,7 +11,9 @@
     y = cuda_ops.rms_norm(x, weight, eps)                                       # decode and prefill
     u = cuda_ops.silu_mul(gate, up)
     q = cuda_ops.rotary_kv(q, k, v, keys, values, position, inv_freq, scaling, head_dim, rotary_dim)  # [H, S, hd]
-    out = cuda_ops.decode_attention(q, keys, values, position, first_slot, workspace, scale, window)
+    workspace = cuda_ops.new_attention_workspace(kv_heads, slots, head_dim, device)
+    out = cuda_ops.decode_attention(q, k, v, keys, values, position, first_slot, inv_freq, scaling, rotary_dim,
+                                    workspace, scale, window)                 # one token: rotary + KV write too
 
 The layout and the kernels are described in docs/CUDA.md; backend/quant/cuda_linear.py is their
 one user. Building mirrors backend/ops.py: ``torch.utils.cpp_extension.load`` compiles
@@ -40,7 +42,7 @@ from .ops import OnceBuilt, _build_root, _first_error_line, as_trimtab_error
 
 __all__ = ["available", "load_extension", "qrepack", "MAX_GEMV_LAYERS", "GemvLayer", "RowNorm", "qgemv",
            "qgemv_workspace", "qgemv_counters", "qdequantize_t", "multiprocessor_count", "rms_norm", "silu_mul",
-           "rotary_kv", "decode_attention", "attention_workspace", "attention_supported"]
+           "rotary_kv", "decode_attention", "new_attention_workspace", "attention_supported"]
 
 
 
@@ -121,18 +123,22 @@ def rotary_kv(q, k, v, keys, values, position, inv_freq, scaling: float, head_di
                                                 rotary_dim)
 
 
-def decode_attention(q, keys, values, position, first_slot, workspace, scale: float, window: int):
-    """One token's attention: q [Hq·hd] over cache slots [max(first_slot, position − window + 1),
-    position] (window 0: none) → [Hq·hd] in q's dtype."""
+def decode_attention(q, k, v, keys, values, position, first_slot, inv_freq, rotary_scaling: float, rotary_dim: int,
+                     workspace, scale: float, window: int):
+    """One decode token, two kernels: q [Hq·hd] and k [Hkv·hd] rotated at `position` (as rotary_kv), k and
+    v written into the cache keys/values [1, Hkv, slots, hd] at slot `position`, then attention over
+    slots [max(first_slot, position − window + 1), position] (window 0: none) → [Hq·hd] in q's dtype.
+    workspace: new_attention_workspace's (the splits' partial results)."""
     load_extension()
     with _as_trimtab_error():
-        return torch.ops.trimtab_cuda.decode_attention(q, keys, values, position, first_slot, workspace, scale,
-                                                       window)
+        return torch.ops.trimtab_cuda.decode_attention(q, k, v, keys, values, position, first_slot, inv_freq,
+                                                       rotary_scaling, rotary_dim, workspace, scale, window)
 
 
-def attention_workspace(kv_heads: int, slots: int, head_dim: int) -> int:
+def new_attention_workspace(kv_heads: int, slots: int, head_dim: int, device) -> torch.Tensor:
+    """decode_attention's workspace for a cache of `slots` slots: the splits' partial results."""
     load_extension()
-    return torch.ops.trimtab_cuda.attention_workspace(kv_heads, slots, head_dim)
+    return torch.zeros(torch.ops.trimtab_cuda.attention_workspace(kv_heads, slots, head_dim), device=device)
 
 
 def attention_supported(head_dim: int, group: int) -> bool:

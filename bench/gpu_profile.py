@@ -4,7 +4,8 @@
    compute throughput, achieved occupancy, DRAM bytes, warp stall reasons);
 2. one decode step of the Llama-3-8B-shaped model (bench/gpu_bench.py's), op by op under
    torch.profiler: GPU time per kernel kind, kernels per token, and the step's GPU time against the
-   CUDA graph's wall time per token.
+   CUDA graph's wall time per token; then the graph replayed under the profiler: what each kernel of
+   a layer adds to the step's time (the critical path).
 
     python bench/gpu_profile.py                 → gpu_profile.json under $OUT (or bench/results/)
     python bench/gpu_profile.py --gemv-driver   (what ncu runs: the four GEMVs, a few calls each)
@@ -136,24 +137,60 @@ def profile_decode_step(context: int = 1024) -> dict:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             decoder._step_ops(cache)
             torch.cuda.synchronize()
+        eager = _kernels(prof)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:  # the graph's kernels, back to back
+            decoder.graph.replay()
+            torch.cuda.synchronize()
+        replayed = _kernels(prof)
     kinds: dict[str, dict] = {}
-    total_us, launches = 0.0, 0
-    for event in prof.events():
-        if event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        kind = _kernel_kind(event.name)
-        entry = kinds.setdefault(kind, {"us": 0.0, "launches": 0})
-        entry["us"] += event.device_time
+    for name, start_us, end_us in eager:
+        entry = kinds.setdefault(_kernel_kind(name), {"us": 0.0, "launches": 0})
+        entry["us"] += end_us - start_us
         entry["launches"] += 1
-        total_us += event.device_time
-        launches += 1
     return {"graph_step_ms": figures["graph_step_ms"], "decode_tok_s": figures["decode_tok_s"],
-            "kernel_us_per_token": total_us, "kernels_per_token": launches,
-            "kinds": dict(sorted(kinds.items(), key=lambda item: -item[1]["us"]))}
+            "kernel_us_per_token": sum(k["us"] for k in kinds.values()), "kernels_per_token": len(eager),
+            "kinds": dict(sorted(kinds.items(), key=lambda item: -item[1]["us"])),
+            "graph_layer": _layer_critical_path(replayed, model.args.num_hidden_layers)}
+
+
+def _kernels(prof) -> list[tuple[str, float, float]]:
+    """The profiled GPU kernels (name, start µs, end µs) in start order."""
+    import torch
+
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sorted(((e.name, e.time_range.start, e.time_range.end) for e in events), key=lambda k: k[1])
+
+
+def _layer_critical_path(kernels: list[tuple[str, float, float]], layers: int) -> dict:
+    """What each kernel of a layer adds to the graph's time: end − the previous kernel's end (kernels
+    overlap under dependent launch, so durations overcount), averaged over the layers. A layer is
+    the kernels from its q/k/v GEMV (the last GEMV before its attention) to the next layer's."""
+    attention = [i for i, (name, _, _) in enumerate(kernels) if "decode_attention" in name]
+    if len(attention) != layers or layers < 3:
+        return {"error": f"{len(kernels)} kernels, {len(attention)} attention kernels for {layers} layers"}
+    starts = [max((i for i in range(a) if "qgemv" in kernels[i][0]), default=-1) for a in attention]
+    if min(starts) < 0:
+        return {"error": "an attention kernel with no GEMV before it: "
+                         + "; ".join(f"{name[:50]} {start:.0f}-{end:.0f}" for name, start, end in kernels[:8])}
+    period = starts[1] - starts[0]
+    roles: list[dict] = []
+    for layer_start in starts[1:-1]:  # whole layers with one before and after
+        for k in range(period):
+            name, start, end = kernels[layer_start + k]
+            before = kernels[layer_start + k - 1][2]
+            if len(roles) <= k:
+                roles.append({"kind": _kernel_kind(name), "added_us": 0.0, "duration_us": 0.0, "layers": 0})
+            roles[k]["added_us"] += end - before
+            roles[k]["duration_us"] += end - start
+            roles[k]["layers"] += 1
+    for role in roles:
+        role["added_us"] /= role["layers"]
+        role["duration_us"] /= role["layers"]
+    return {"step_us": kernels[-1][2] - kernels[0][1], "kernels": len(kernels), "roles": roles}
 
 
 def _kernel_kind(name: str) -> str:
-    for pattern, kind in (("qgemv", "trimtab GEMV"), ("decode_attention|attention_merge", "attention (trimtab)"),
+    for pattern, kind in (("qgemv", "trimtab GEMV"), ("decode_attention", "attention + rotary + KV write (trimtab)"),
                           ("fmha|attention|flash|efficient", "attention (SDPA)"), ("rotary_kv", "rotary + KV write"),
                           ("rms|norm", "RMSNorm"), ("index_copy|indexing|scatter", "KV cache write"),
                           ("silu|mul|add|sub|cat|copy|roll|cos|sin|fill|where|compare|bitwise|elementwise",
@@ -204,6 +241,15 @@ def report(path: Path) -> None:
                  f"of kernel time; the same step as a CUDA graph takes {step['graph_step_ms']:.2f} ms a token "
                  f"({step['decode_tok_s']:.0f} tok/s with argmax and host sync).\n\n"
                  + markdown_table(["kernels", "µs per token", "launches", "share"], rows) + "\n")
+        layer = step.get("graph_layer", {})
+        if layer.get("roles"):
+            rows = [[f"{k + 1}", role["kind"], f"{role['added_us']:.1f}", f"{role['duration_us']:.1f}"]
+                    for k, role in enumerate(layer["roles"])]
+            body += (f"\nThe same step replayed as the CUDA graph ({layer['kernels']} kernels, "
+                     f"{layer['step_us'] / 1e3:.2f} ms first start to last end under the profiler): what each "
+                     f"kernel of a layer adds to the step (its end minus the previous kernel's end; kernels "
+                     f"overlap under dependent launch), averaged over the middle layers.\n\n"
+                     + markdown_table(["kernel of the layer", "kind", "µs added", "µs start to end"], rows) + "\n")
     write_section("gpu_profile", body, script="gpu_profile")
 
 
@@ -230,11 +276,11 @@ def main() -> None:
         results["ncu_gemv"] = ncu_gemv()
         print(json.dumps(results["ncu_gemv"], indent=1)[:4000], flush=True)
     if "ncu_decode" in parts:  # the decode step's other kernels: the last launch of each in the last step
-        launches = run_ncu("trimtab_cuda.*(decode_attention|attention_merge|rms_norm|rotary_kv)", 0, 1000,
+        launches = run_ncu("trimtab_cuda.*(decode_attention|rms_norm|rotary_kv)", 0, 1000,
                            "--decode-driver")
         if isinstance(launches, list):
             launches = {kind: next(l for l in reversed(launches) if kind in l["kernel"])
-                        for kind in ("decode_attention", "attention_merge", "rms_norm", "rotary_kv")
+                        for kind in ("decode_attention", "rms_norm", "rotary_kv")
                         if any(kind in l["kernel"] for l in launches)}
         results["ncu_decode"] = launches
         print(json.dumps(results["ncu_decode"], indent=1)[:3000], flush=True)

@@ -363,11 +363,12 @@ def test_fused_graph_step_matches_torch_ops(quantized, head_dim, window):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("head_dim,group", [(64, 1), (128, 4), (256, 8), (128, 3)])
-def test_decode_attention_matches_softmax(dtype, head_dim, group):
-    """The split attention and its merge against softmax(q Kᵀ·scale) V over the valid slots: positions
-    inside the first split, on split boundaries and at the cache's end, left padding, a window, and
-    garbage (NaN) in every slot outside the valid range."""
+@pytest.mark.parametrize("head_dim,group,rotary_dim", [(64, 1, 64), (128, 4, 128), (256, 8, 256), (128, 3, 64)])
+def test_decode_attention_matches_softmax(dtype, head_dim, group, rotary_dim):
+    """The one-kernel decode attention against rotary_kv, then softmax(q Kᵀ·scale) V over the valid
+    slots: positions inside the first split, on split boundaries and at the cache's end, left padding, a
+    window, garbage (NaN) in every slot outside the valid range and in the token's own slot (which the
+    kernel writes), one workspace for all calls (its counters reset)."""
     from trimtab.backend import cuda_ops
 
     kv_heads, slots = 2, 100
@@ -375,23 +376,30 @@ def test_decode_attention_matches_softmax(dtype, head_dim, group):
     keys = torch.randn(1, kv_heads, slots, head_dim, generator=g).to(dtype).cuda()
     values = torch.randn(1, kv_heads, slots, head_dim, generator=g).to(dtype).cuda()
     q = torch.randn(kv_heads * group * head_dim, generator=g).to(dtype).cuda()
-    workspace = torch.empty(cuda_ops.attention_workspace(kv_heads, slots, head_dim), device="cuda")
+    k, v = (torch.randn(kv_heads * head_dim, generator=g).to(dtype).cuda() for _ in range(2))
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)).cuda()
+    workspace = cuda_ops.new_attention_workspace(kv_heads, slots, head_dim, "cuda")
     scale = head_dim ** -0.5
     for position, first, window in [(0, 0, 0), (5, 2, 0), (31, 0, 0), (32, 0, 0), (63, 10, 0), (99, 0, 0),
                                     (70, 0, 9), (64, 40, 30)]:
         lo = max(first, position - window + 1 if window else 0)
+        at = torch.tensor([position], device="cuda")
+        ref_k, ref_v = keys.clone(), values.clone()
+        ref_q = cuda_ops.rotary_kv(q, k, v, ref_k, ref_v, at, inv_freq, 1.0, head_dim, rotary_dim)  # [Hq, 1, hd]
         poisoned_k, poisoned_v = keys.clone(), values.clone()
         for t in (poisoned_k, poisoned_v):
             t[:, :, :lo] = float("nan")
-            t[:, :, position + 1:] = float("nan")
-        out = cuda_ops.decode_attention(q, poisoned_k, poisoned_v, torch.tensor([position], device="cuda"),
-                                        torch.tensor([first], device="cuda"), workspace, scale, window)
-        k, v = keys[0, :, lo:position + 1].double(), values[0, :, lo:position + 1].double()  # [H_kv, n, hd]
-        qh = q.double().view(kv_heads, group, head_dim)
-        ref = torch.softmax(qh @ k.transpose(1, 2) * scale, dim=-1) @ v                      # [H_kv, G, hd]
+            t[:, :, position:] = float("nan")
+        out = cuda_ops.decode_attention(q, k, v, poisoned_k, poisoned_v, at, torch.tensor([first], device="cuda"),
+                                        inv_freq, 1.0, rotary_dim, workspace, scale, window)
+        msg = f"position {position}, first {first}, window {window}"
+        assert torch.equal(poisoned_k[:, :, position], ref_k[:, :, position]), f"{msg}: the key written"
+        assert torch.equal(poisoned_v[:, :, position], ref_v[:, :, position]), f"{msg}: the value written"
+        kk, vv = ref_k[0, :, lo:position + 1].double(), ref_v[0, :, lo:position + 1].double()  # [H_kv, n, hd]
+        qh = ref_q.double().view(kv_heads, group, head_dim)
+        ref = torch.softmax(qh @ kk.transpose(1, 2) * scale, dim=-1) @ vv                     # [H_kv, G, hd]
         tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
-        torch.testing.assert_close(out.double().view_as(ref), ref, rtol=tol, atol=tol,
-                                   msg=lambda m: f"position {position}, first {first}, window {window}: {m}")
+        torch.testing.assert_close(out.double().view_as(ref), ref, rtol=tol, atol=tol, msg=lambda m: f"{msg}: {m}")
 
 
 @needs_cuda

@@ -291,6 +291,12 @@ void check_position(const Tensor& t, const Tensor& like, const char* name, const
            " must be an int64 tensor on the query's device");
 }
 
+void check_rotary(const Tensor& inv_freq, int64_t rotary_dim, int64_t head_dim, const char* op) {
+  TT_CHECK(rotary_dim > 0 && rotary_dim <= head_dim && rotary_dim % 2 == 0 && inv_freq.is_cuda() &&
+               inv_freq.scalar_type() == at::kFloat && inv_freq.numel() == rotary_dim / 2 && inv_freq.is_contiguous(),
+           op, "inv_freq must be float32 [rotary_dim / 2] with an even rotary_dim <= head_dim");
+}
+
 Tensor rotary_kv(const Tensor& q, const Tensor& k, const Tensor& v, Tensor keys, Tensor values, const Tensor& position,
                  const Tensor& inv_freq, double scaling, int64_t head_dim, int64_t rotary_dim) {
   const char* op = "rotary_kv";
@@ -308,9 +314,7 @@ Tensor rotary_kv(const Tensor& q, const Tensor& k, const Tensor& v, Tensor keys,
   check_cache(values, q, kv_heads, head_dim, "values", op);
   TT_CHECK(keys.strides() == values.strides(), op, "keys and values must share strides");
   check_position(position, q, "position", op);
-  TT_CHECK(rotary_dim > 0 && rotary_dim <= head_dim && rotary_dim % 2 == 0 && inv_freq.is_cuda() &&
-               inv_freq.scalar_type() == at::kFloat && inv_freq.numel() == rotary_dim / 2 && inv_freq.is_contiguous(),
-           op, "inv_freq must be float32 [rotary_dim / 2] with an even rotary_dim <= head_dim");
+  check_rotary(inv_freq, rotary_dim, head_dim, op);
   Tensor q_out = at::empty({q_heads, tokens, head_dim}, q.options());
   trimtab_cuda::RotaryKvArgs a{q.data_ptr(), k.data_ptr(), v.data_ptr(), q_out.data_ptr(), keys.data_ptr(),
                                values.data_ptr(), position.data_ptr<int64_t>(), inv_freq.data_ptr<float>(),
@@ -320,8 +324,9 @@ Tensor rotary_kv(const Tensor& q, const Tensor& k, const Tensor& v, Tensor keys,
   return q_out;
 }
 
-Tensor decode_attention(const Tensor& q, const Tensor& keys, const Tensor& values, const Tensor& position,
-                        const Tensor& first_slot, Tensor workspace, double scale, int64_t window) {
+Tensor decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, Tensor keys, Tensor values,
+                        const Tensor& position, const Tensor& first_slot, const Tensor& inv_freq, double rotary_scaling,
+                        int64_t rotary_dim, Tensor workspace, double scale, int64_t window) {
   const char* op = "decode_attention";
   c10::cuda::CUDAGuard guard(q.device());
   const int code = dtype_code(q, op);
@@ -331,6 +336,9 @@ Tensor decode_attention(const Tensor& q, const Tensor& keys, const Tensor& value
   check_cache(values, q, kv_heads, head_dim, "values", op);
   TT_CHECK(keys.strides() == values.strides(), op, "keys and values must share strides");
   TT_CHECK(q.is_contiguous() && q.numel() % (kv_heads * head_dim) == 0, op, "q must be contiguous whole heads");
+  TT_CHECK(k.is_contiguous() && v.is_contiguous() && k.numel() == kv_heads * head_dim && v.numel() == k.numel() &&
+               k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+           op, "k and v must be one token's contiguous [", kv_heads, " · ", head_dim, "] of the query's dtype");
   const int64_t vector = 16 / keys.element_size();  // the kernel reads the cache 16 bytes at a time
   TT_CHECK(aligned16(keys) && aligned16(values) && keys.stride(1) % vector == 0 && keys.stride(2) % vector == 0,
            op, "the cache must be 16-byte aligned, its head and slot strides whole 16-byte pieces");
@@ -339,15 +347,16 @@ Tensor decode_attention(const Tensor& q, const Tensor& keys, const Tensor& value
            " with ", group, " query heads per key head is not supported (head_dim 64/128/256, up to 8)");
   check_position(position, q, "position", op);
   check_position(first_slot, q, "first_slot", op);
-  TT_CHECK(workspace.is_cuda() && workspace.scalar_type() == at::kFloat &&
+  check_rotary(inv_freq, rotary_dim, head_dim, op);
+  TT_CHECK(workspace.is_cuda() && workspace.scalar_type() == at::kFloat && aligned16(workspace) &&
                workspace.numel() >= trimtab_cuda::attention_workspace_floats(int(kv_heads), int(slots), int(head_dim)),
            op, "workspace too small");
   Tensor out = at::empty_like(q);
-  trimtab_cuda::AttentionArgs a{q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(),
-                                position.data_ptr<int64_t>(), first_slot.data_ptr<int64_t>(),
-                                workspace.data_ptr<float>(), float(scale),
-                                int(kv_heads), int(group), int(head_dim), int(slots), window, keys.stride(1),
-                                keys.stride(2)};
+  trimtab_cuda::AttentionArgs a{q.data_ptr(), k.data_ptr(), v.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                                out.data_ptr(), position.data_ptr<int64_t>(), first_slot.data_ptr<int64_t>(),
+                                inv_freq.data_ptr<float>(), float(rotary_scaling), int(rotary_dim),
+                                workspace.data_ptr<float>(), float(scale), int(kv_heads), int(group), int(head_dim),
+                                int(slots), window, keys.stride(1), keys.stride(2)};
   check_cuda(trimtab_cuda::decode_attention(a, code, c10::cuda::getCurrentCUDAStream()), op);
   return out;
 }
@@ -379,8 +388,9 @@ TORCH_LIBRARY(trimtab_cuda, m) {
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor", &silu_mul);
   m.def("rotary_kv(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor position, "
         "Tensor inv_freq, float scaling, int head_dim, int rotary_dim) -> Tensor", &rotary_kv);
-  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor position, Tensor first_slot, "
-        "Tensor(a!) workspace, float scale, int window) -> Tensor", &decode_attention);
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor position, "
+        "Tensor first_slot, Tensor inv_freq, float rotary_scaling, int rotary_dim, Tensor(c!) workspace, "
+        "float scale, int window) -> Tensor", &decode_attention);
   m.def("attention_workspace(int kv_heads, int slots, int head_dim) -> int", &attention_workspace);
   m.def("attention_supported(int head_dim, int group) -> bool", &attention_supported);
 }

@@ -34,13 +34,18 @@ struct RotaryKvArgs {
 cudaError_t rotary_kv(const RotaryKvArgs& a, int dtype, cudaStream_t stream);
 
 struct AttentionArgs {
-  const void* q;           // [kv_heads · group, head_dim]
-  const void* keys;        // as RotaryKvArgs
-  const void* values;
+  const void* q;           // [kv_heads · group, head_dim] this token's query, not yet rotated
+  const void* k;           // [kv_heads, head_dim] this token's key, not yet rotated
+  const void* v;           // [kv_heads, head_dim] this token's value
+  void* keys;              // as RotaryKvArgs: the token's key and value are written at slot `position`
+  void* values;
   void* out;               // [kv_heads · group, head_dim]
-  const int64_t* position; // device: the last valid slot
+  const int64_t* position; // device: the token's position, its cache slot, the last slot attended to
   const int64_t* first_slot;  // device: the first valid slot (left padding)
-  float* workspace;        // attention_workspace_floats
+  const float* inv_freq;   // [rotary_dim / 2]
+  float rotary_scaling;    // as RotaryKvArgs
+  int rotary_dim;
+  float* workspace;        // attention_workspace_floats: the splits' partial results
   float scale;
   int kv_heads, group, head_dim, max_slots;
   int64_t window;          // sliding window, 0 for none
@@ -51,7 +56,9 @@ int attention_splits(int max_slots);
 int64_t attention_workspace_floats(int kv_heads, int max_slots, int head_dim);
 bool attention_supported(int head_dim, int group);
 
-// out = softmax(q Kᵀ · scale) V over slots [max(first_slot, position − window + 1), position].
+// One decode token: q and k rotated at `position` (as rotary_kv), k and v written into the cache at
+// slot `position`, out = softmax(q Kᵀ · scale) V over slots [max(first_slot, position − window + 1),
+// position]. Split over the slots (flash-decoding), then a kernel merging the splits.
 cudaError_t decode_attention(const AttentionArgs& a, int dtype, cudaStream_t stream);
 
 }  // namespace trimtab_cuda

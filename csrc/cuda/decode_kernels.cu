@@ -3,8 +3,8 @@
 //   rms_norm         y = weight · round(x / rms(x))                     (HF: statistics in float32)
 //   rotary_kv        q, k ← rotary(q, k) at the tokens' positions; k, v written into their cache slots
 //   silu_mul         silu(gate)·up (prefill; a decode step does it inside the down GEMV)
-//   decode_attention softmax(q Kᵀ / √d) V over the cache's valid slots, split over the slots
-//                    (flash-decoding): each block a range of slots, then a kernel merging the splits
+//   decode_attention one token: rotary, the KV write, softmax(q Kᵀ / √d) V over the cache's valid
+//                    slots, split over the slots (flash-decoding); then a kernel merging the splits
 // Device-side positions (read from memory, not kernel arguments), so one captured graph serves
 // every step.
 #include <float.h>
@@ -71,20 +71,53 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const T* x, cons
 // ---- rotary + KV cache write: one block per (per_block heads, token), query heads first ---------
 // A thread's cos and sin (accurate sincosf, rounded as HF rounds them) serve its dim of all the
 // block's heads; the heads' loads all go out before any store (one memory latency, not eight).
-// One token (decode) takes a block a head, the shortest wait; many (prefill) 8 heads a block.
+// One token takes a block a head (the decode attention does this itself; kept for one-token calls);
+// many (prefill) 8 heads a block.
 
 constexpr int kRotaryHeads = 8;  // the most heads a block takes
+
+struct RotaryAngle {  // dim i's cos and sin at a position, rounded to the activations' dtype
+  float cos_t = 1.0f, sin_t = 0.0f;
+  bool rotates = false;  // i < rotary_dim: dims past it pass unrotated
+};
+
+__device__ __forceinline__ int rotary_partner(int i, int rotary_dim) {  // the dim rotate_half pairs with i
+  const int half = rotary_dim / 2;
+  return i < half ? i + half : i - half;
+}
+
+template <typename T>
+__device__ __forceinline__ RotaryAngle rotary_angle(int64_t position, int i, int rotary_dim, const float* inv_freq,
+                                                    float scaling) {
+  RotaryAngle r;
+  if (i < rotary_dim) {  // HF rotate_half: x·cos + (-x2, x1)·sin, cos and sin rounded to T
+    const int half = rotary_dim / 2;
+    float s, c;
+    sincosf(float(position) * inv_freq[i % half], &s, &c);
+    r.cos_t = round_trip<T>(c * scaling);
+    r.sin_t = round_trip<T>(s * scaling) * (i < half ? -1.0f : 1.0f);
+    r.rotates = true;
+  }
+  return r;
+}
+
+// x (dim i) rotated with `other` (its partner dim's value), each product rounded as HF's separate ops
+// round it (never contracted into an FMA, so every kernel rotating a value gets the same bits)
+template <typename T>
+__device__ __forceinline__ float rotated(float x, float other, const RotaryAngle& r) {
+  if (!r.rotates) return x;
+  return round_trip<T>(__fadd_rn(round_trip<T>(__fmul_rn(x, r.cos_t)), round_trip<T>(__fmul_rn(other, r.sin_t))));
+}
 
 template <typename T>
 __global__ void rotary_kv_kernel(RotaryKvArgs a, int per_block) {
   const int token = blockIdx.y;
   const int64_t position = *a.position + token;
-  const int half_dim = a.rotary_dim / 2;
   const int first_head = blockIdx.x * per_block;
   const int heads = min(per_block, a.q_heads + a.kv_heads - first_head);
   const bool in_cache = position < a.slots;  // a key or value past the cache is not written
   for (int i = threadIdx.x; i < a.head_dim; i += blockDim.x) {
-    const int partner = i < half_dim ? i + half_dim : i - half_dim;
+    const int partner = rotary_partner(i, a.rotary_dim);
     float x[kRotaryHeads], other[kRotaryHeads], value[kRotaryHeads];
 #pragma unroll
     for (int k = 0; k < kRotaryHeads; ++k) {
@@ -97,19 +130,12 @@ __global__ void rotary_kv_kernel(RotaryKvArgs a, int per_block) {
       other[k] = k < heads && i < a.rotary_dim ? Io<T>::load(src[partner]) : 0.0f;
       value[k] = k < heads && !is_query ? Io<T>::load(static_cast<const T*>(a.v)[row * a.head_dim + i]) : 0.0f;
     }
-    float cos_t = 1.0f, sin_t = 0.0f;
-    if (i < a.rotary_dim) {  // HF rotate_half: x·cos + (-x2, x1)·sin, cos and sin rounded to T
-      float s, c;
-      sincosf(float(position) * a.inv_freq[i % half_dim], &s, &c);
-      cos_t = round_trip<T>(c * a.scaling);
-      sin_t = round_trip<T>(s * a.scaling) * (i < half_dim ? -1.0f : 1.0f);
-    }
+    const RotaryAngle angle = rotary_angle<T>(position, i, a.rotary_dim, a.inv_freq, a.scaling);
 #pragma unroll
     for (int k = 0; k < kRotaryHeads; ++k) {
       const int head = first_head + k;
       if (k >= heads || (head >= a.q_heads && !in_cache)) break;
-      const float out = i < a.rotary_dim ? round_trip<T>(round_trip<T>(x[k] * cos_t) + round_trip<T>(other[k] * sin_t))
-                                         : x[k];
+      const float out = rotated<T>(x[k], other[k], angle);
       if (head < a.q_heads) {
         static_cast<T*>(a.q_out)[(size_t(head) * a.tokens + token) * a.head_dim + i] = Io<T>::store(out);
       } else {
@@ -141,19 +167,34 @@ __global__ void silu_mul_kernel(const T* gate, const T* up, T* out, int64_t n) {
 }
 
 // ---- decode attention ---------------------------------------------------------------------------
-// Block (kv head, split): the split's slots [split·kSlots, +kSlots) ∩ [first valid, position].
-// Latency, not bandwidth, bounds a block (a 1k cache is 4 MB a layer): after the position, every
-// thread puts all its key and value loads in flight at once (16 bytes each), so the block waits on
-// memory twice in all. Four threads score a slot for all G query heads of the kv head (each a
-// quarter of the dims, q from shared memory); one warp per query head takes the softmax's max and
-// sum over the block's 32 slots; each thread then sums p·V over its slots for 16 bytes of dims, and
-// the block adds those per slot group in shared memory. The partial (max, sum, output) goes to the
-// workspace; a second kernel merges the splits.
+// Two kernels a layer for one token. The attention kernel does rotary, the cache write and the
+// attention split over the cache's slots (flash-decoding): block (kv head, split) attends to the
+// split's slots [split·kSlots, +kSlots) ∩ [first valid, position]. Latency, not bandwidth, bounds a
+// block (a 1k cache is 4 MB a layer), so:
+//  - the cache's earlier slots were written by earlier steps: every thread puts all its key and value
+//    loads of them in flight (16 bytes each) before waiting for the q/k/v GEMV (dependent launch);
+//  - then each block rotates its G query heads into shared memory (pre-scaled; the 4 parts of a head
+//    4 banks apart), and the block holding slot `position` rotates this token's key and writes it and
+//    the value into the cache, keeping both in shared memory for its own slot;
+//  - four threads score a slot for all G query heads (each a quarter of the dims); one warp per query
+//    head takes the softmax's max and sum over the block's 32 slots; each thread sums p·V over its
+//    slots for 16 bytes of dims, the slot groups added in shared memory; the partial (output, max,
+//    sum) goes to the workspace.
+// The merge kernel, launched dependent (its blocks wait for the attention's end already resident),
+// gives each (query head, dim) a thread that loads every split's partial at once (up to
+// kMergeSplits: one memory latency for a cache of 1.5k slots). The last block of a kv head merging
+// the splits inside the attention kernel cost more (H100, Llama-3-8B shapes, context 1024: 11.6 µs a
+// layer after the q/k/v GEMV against 9.9 for both kernels): its one block per kv head merged
+// 16 splits at a time, and counting the blocks took a round trip more.
 
 constexpr int kAttnThreads = 128;
 constexpr int kSlots = 32;                      // slots a block scores: a 1k cache is 33 blocks a KV head
 constexpr int kParts = kAttnThreads / kSlots;   // threads scoring one slot
 constexpr int kMaxGroup = 8;                    // query heads per key/value head
+constexpr int kMergeSplits = 48;                // splits a merging thread has in flight
+
+// A split's partial in the workspace: outputs [kMaxGroup][head_dim], maxima [kMaxGroup], sums [kMaxGroup]
+__host__ __device__ constexpr int partial_floats(int head_dim) { return kMaxGroup * (head_dim + 2); }
 
 template <typename T>
 struct Vec16 {  // 16 bytes of T, as floats
@@ -166,8 +207,76 @@ struct Vec16 {  // 16 bytes of T, as floats
   }
 };
 
+// This token's rows a thread rotates, dims d_j = (tid + kAttnThreads·j) mod HD: the angles before the
+// grid wait (they need only the position), then every load of q (the kv head's G query heads) and,
+// in the block holding the token's slot, of k and v at once: one memory latency.
+template <typename T, int HD>
+struct TokenRows {
+  static constexpr int kDims = HD > kAttnThreads ? HD / kAttnThreads : 1;  // distinct dims a thread rotates
+  static constexpr int kQueryLoads = kMaxGroup * HD / kAttnThreads;        // its q elements at most
+  static constexpr int kPartDims = HD / kParts;
+  RotaryAngle angle[kDims];
+  float q[kQueryLoads] = {}, q_partner[kQueryLoads] = {}, k[kDims] = {}, k_partner[kDims] = {}, v[kDims] = {};
+
+  __device__ void angles(const AttentionArgs& a, int64_t position) {
+#pragma unroll
+    for (int j = 0; j < kDims; ++j)
+      angle[j] = rotary_angle<T>(position, (threadIdx.x + kAttnThreads * j) % HD, a.rotary_dim, a.inv_freq,
+                                 a.rotary_scaling);
+  }
+
+  __device__ void load(const AttentionArgs& a, int kv, bool current) {
+    const T* qh = static_cast<const T*>(a.q) + size_t(kv) * a.group * HD;
+#pragma unroll
+    for (int j = 0; j < kQueryLoads; ++j) {
+      const int i = threadIdx.x + kAttnThreads * j, d = i % HD;
+      if (i >= a.group * HD) break;
+      q[j] = Io<T>::load(qh[i]);
+      if (angle[j % kDims].rotates) q_partner[j] = Io<T>::load(qh[i - d + rotary_partner(d, a.rotary_dim)]);
+    }
+    if (!current) return;
+    const T* kh = static_cast<const T*>(a.k) + size_t(kv) * HD;
+    const T* vh = static_cast<const T*>(a.v) + size_t(kv) * HD;
+#pragma unroll
+    for (int j = 0; j < kDims; ++j) {
+      const int d = threadIdx.x + kAttnThreads * j;
+      if (d >= HD) break;
+      k[j] = Io<T>::load(kh[d]);
+      if (angle[j].rotates) k_partner[j] = Io<T>::load(kh[rotary_partner(d, a.rotary_dim)]);
+      v[j] = Io<T>::load(vh[d]);
+    }
+  }
+
+  // the rotated query heads, pre-scaled, into qs [head][part][dim of the part]
+  template <typename QueryParts>
+  __device__ void store_queries(const AttentionArgs& a, QueryParts& qs) const {
+#pragma unroll
+    for (int j = 0; j < kQueryLoads; ++j) {
+      const int i = threadIdx.x + kAttnThreads * j, d = i % HD;
+      if (i >= a.group * HD) break;
+      qs[i / HD][d / kPartDims][d % kPartDims] = rotated<T>(q[j], q_partner[j], angle[j % kDims]) * a.scale;
+    }
+  }
+
+  // the rotated key and the value → the cache at slot `position`, and `current` for the block's own use
+  __device__ void store_current(const AttentionArgs& a, int kv, int64_t position, float (&current)[2][HD]) const {
+    const size_t slot = size_t(kv) * a.head_stride + size_t(position) * a.slot_stride;
+#pragma unroll
+    for (int j = 0; j < kDims; ++j) {
+      const int d = threadIdx.x + kAttnThreads * j;
+      if (d >= HD) break;
+      const float key = rotated<T>(k[j], k_partner[j], angle[j]);
+      static_cast<T*>(a.keys)[slot + d] = Io<T>::store(key);
+      static_cast<T*>(a.values)[slot + d] = Io<T>::store(v[j]);
+      current[0][d] = key;
+      current[1][d] = v[j];
+    }
+  }
+};
+
 template <typename T, int HD>
 __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttentionArgs a) {
+  allow_next_kernel();  // the o GEMV after this may start streaming its weights
   constexpr int E = Vec16<T>::n;                    // elements a 16-byte load brings
   constexpr int kPartDims = HD / kParts;            // a key's dims one scoring thread holds
   constexpr int kKeyLoads = kPartDims / E;
@@ -178,126 +287,144 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(Attentio
   __shared__ __align__(16) float qs[kMaxGroup][kParts][kQPad];
   __shared__ float probs[kMaxGroup][kSlots];
   __shared__ __align__(16) float sums[kSlotGroups][kMaxGroup][HD];
-  const int kv = blockIdx.x, split = blockIdx.y, tid = threadIdx.x;
+  __shared__ float current[2][HD];  // this token's key and value, in the block that holds its slot
+  const int kv = blockIdx.x, split = blockIdx.y, splits = gridDim.y, tid = threadIdx.x;
   const int G = a.group;
-  const T* q = static_cast<const T*>(a.q) + size_t(kv) * G * HD;
-  for (int i = tid; i < G * HD; i += kAttnThreads) {  // in flight with the position
-    const int d = i % HD;
-    qs[i / HD][d / kPartDims][d % kPartDims] = Io<T>::load(q[i]) * a.scale;
-  }
   const int64_t position = *a.position;
   const int64_t first = max(int64_t(*a.first_slot), a.window > 0 ? position - a.window + 1 : int64_t(0));
   const int64_t base = int64_t(split) * kSlots;
   const int64_t s_begin = max(base, first);
   const int64_t s_end = min(min(base + kSlots, position + 1), int64_t(a.max_slots));  // exclusive
-  float* part = a.workspace + (size_t(kv) * gridDim.y + split) * (kMaxGroup * (HD + 2));
-  if (s_begin >= s_end) {  // nothing to attend to here: an empty partial
-    if (tid < G) part[tid * (HD + 2) + HD] = -FLT_MAX, part[tid * (HD + 2) + HD + 1] = 0.0f;
-    return;
-  }
+  const bool holds_current = position >= base && position < base + kSlots && position < a.max_slots;
+  const bool attends = s_begin < s_end;
+  float* part = a.workspace + (size_t(kv) * splits + split) * partial_floats(HD);
   const auto valid = [&](int s) { return base + s >= s_begin && base + s < s_end; };
+  const auto cached = [&](int s) { return valid(s) && base + s != position; };  // written by an earlier step
   const T* keys = static_cast<const T*>(a.keys) + size_t(kv) * a.head_stride + size_t(base) * a.slot_stride;
   const T* values = static_cast<const T*>(a.values) + size_t(kv) * a.head_stride + size_t(base) * a.slot_stride;
 
-  // every key and value load at once: key slot tid / kParts (its part tid % kParts), value piece
-  // tid % kRowVecs of slots tid / kRowVecs + kSlotGroups·i; invalid slots read as 0
+  // every key and value load of earlier slots at once: key slot tid / kParts (its part tid % kParts),
+  // value piece tid % kRowVecs of slots tid / kRowVecs + kSlotGroups·i; other slots read as 0
   const int k_slot = tid / kParts, k_part = tid % kParts;
   const int v_piece = tid % kRowVecs, v_group = tid / kRowVecs;
   float kf[kKeyLoads][E] = {}, vf[kValueLoads][E] = {};
-#pragma unroll
-  for (int j = 0; j < kKeyLoads; ++j)
-    if (valid(k_slot)) Vec16<T>::load(keys + size_t(k_slot) * a.slot_stride + k_part * kPartDims + j * E, kf[j]);
-#pragma unroll
-  for (int i = 0; i < kValueLoads; ++i) {
-    const int s = v_group + i * kSlotGroups;
-    if (valid(s)) Vec16<T>::load(values + size_t(s) * a.slot_stride + v_piece * E, vf[i]);
-  }
-  __syncthreads();  // qs
-
-  // scores: this thread's part of the dot, summed over the slot's kParts neighbouring lanes
-#pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g) {
-    if (g >= G) break;
-    float dot = 0.0f;
+  if (attends) {
 #pragma unroll
     for (int j = 0; j < kKeyLoads; ++j)
-#pragma unroll
-      for (int e = 0; e < E; e += 4) {
-        const float4 q4 = *reinterpret_cast<const float4*>(&qs[g][k_part][j * E + e]);
-        dot = fmaf(q4.x, kf[j][e], fmaf(q4.y, kf[j][e + 1], fmaf(q4.z, kf[j][e + 2], fmaf(q4.w, kf[j][e + 3], dot))));
-      }
-#pragma unroll
-    for (int o = 1; o < kParts; o <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-    if (k_part == 0) probs[g][k_slot] = valid(k_slot) ? dot : -FLT_MAX;
-  }
-  __syncthreads();
-
-  // softmax statistics: warp w takes query heads w, w + 4, ...; lane = slot
-  const int warp = tid / 32, lane = tid % 32;
-  for (int g = warp; g < G; g += kAttnThreads / 32) {
-    const float score = probs[g][lane];
-    const float m = warp_max(score);  // finite: the block has a valid slot
-    const float p = __expf(score - m);
-    probs[g][lane] = p;
-    const float l = warp_sum(p);
-    if (lane == 0) part[g * (HD + 2) + HD] = m, part[g * (HD + 2) + HD + 1] = l;
-  }
-  __syncthreads();
-
-  // p·V: this thread's piece of its slots' value rows, then the slot groups added in shared memory
-#pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g) {
-    if (g >= G) break;
-    float o[E] = {};
+      if (cached(k_slot)) Vec16<T>::load(keys + size_t(k_slot) * a.slot_stride + k_part * kPartDims + j * E, kf[j]);
 #pragma unroll
     for (int i = 0; i < kValueLoads; ++i) {
-      const float p = probs[g][v_group + i * kSlotGroups];
+      const int s = v_group + i * kSlotGroups;
+      if (cached(s)) Vec16<T>::load(values + size_t(s) * a.slot_stride + v_piece * E, vf[i]);
+    }
+  }
+  TokenRows<T, HD> token;
+  token.angles(a, position);
+  grid_dependency_wait();  // q, k and v come from the kernel before
+  token.load(a, kv, holds_current);
+  if (holds_current) token.store_current(a, kv, position, current);
+  if (attends) {
+    token.store_queries(a, qs);
+    __syncthreads();  // qs, current
+    if (base + k_slot == position) {
 #pragma unroll
-      for (int e = 0; e < E; ++e) o[e] = fmaf(p, vf[i][e], o[e]);
+      for (int j = 0; j < kKeyLoads; ++j)
+#pragma unroll
+        for (int e = 0; e < E; ++e) kf[j][e] = current[0][k_part * kPartDims + j * E + e];
     }
 #pragma unroll
-    for (int e = 0; e < E; e += 4)
-      *reinterpret_cast<float4*>(&sums[v_group][g][v_piece * E + e]) = make_float4(o[e], o[e + 1], o[e + 2], o[e + 3]);
-  }
-  __syncthreads();
-  for (int i = tid; i < G * HD; i += kAttnThreads) {
-    const int g = i / HD, d = i % HD;
-    float s = 0.0f;
+    for (int i = 0; i < kValueLoads; ++i)
+      if (base + v_group + i * kSlotGroups == position)
 #pragma unroll
-    for (int k = 0; k < kSlotGroups; ++k) s += sums[k][g][d];
-    part[g * (HD + 2) + d] = s;
+        for (int e = 0; e < E; ++e) vf[i][e] = current[1][v_piece * E + e];
+
+    // scores: this thread's part of the dot, summed over the slot's kParts neighbouring lanes
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) {
+      if (g >= G) break;
+      float dot = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kKeyLoads; ++j)
+#pragma unroll
+        for (int e = 0; e < E; e += 4) {
+          const float4 q4 = *reinterpret_cast<const float4*>(&qs[g][k_part][j * E + e]);
+          dot = fmaf(q4.x, kf[j][e], fmaf(q4.y, kf[j][e + 1], fmaf(q4.z, kf[j][e + 2], fmaf(q4.w, kf[j][e + 3], dot))));
+        }
+#pragma unroll
+      for (int o = 1; o < kParts; o <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+      if (k_part == 0) probs[g][k_slot] = valid(k_slot) ? dot : -FLT_MAX;
+    }
+    __syncthreads();
+
+    // softmax statistics: warp w takes query heads w, w + 4, ...; lane = slot
+    const int warp = tid / 32, lane = tid % 32;
+    for (int g = warp; g < G; g += kAttnThreads / 32) {
+      const float score = probs[g][lane];
+      const float m = warp_max(score);  // finite: the block has a valid slot
+      const float p = __expf(score - m);
+      probs[g][lane] = p;
+      const float l = warp_sum(p);
+      if (lane == 0) part[kMaxGroup * HD + g] = m, part[kMaxGroup * HD + kMaxGroup + g] = l;
+    }
+    __syncthreads();
+
+    // p·V: this thread's piece of its slots' value rows, then the slot groups added in shared memory
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) {
+      if (g >= G) break;
+      float o[E] = {};
+#pragma unroll
+      for (int i = 0; i < kValueLoads; ++i) {
+        const float p = probs[g][v_group + i * kSlotGroups];
+#pragma unroll
+        for (int e = 0; e < E; ++e) o[e] = fmaf(p, vf[i][e], o[e]);
+      }
+#pragma unroll
+      for (int e = 0; e < E; e += 4)
+        *reinterpret_cast<float4*>(&sums[v_group][g][v_piece * E + e]) =
+            make_float4(o[e], o[e + 1], o[e + 2], o[e + 3]);
+    }
+    __syncthreads();
+    for (int i = tid; i < G * HD; i += kAttnThreads) {
+      float s = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kSlotGroups; ++k) s += sums[k][i / HD][i % HD];
+      part[i] = s;
+    }
+  } else if (tid < G) {  // nothing to attend to here: an empty partial
+    part[kMaxGroup * HD + tid] = -FLT_MAX, part[kMaxGroup * HD + kMaxGroup + tid] = 0.0f;
   }
 }
 
-// Merge the splits' partials: one thread per (query head, dim), online over batches of splits
-// whose loads all go out together (a 1k cache: 2 memory latencies).
+// out = Σ_s o_s·e^(m_s − m) / Σ_s l_s·e^(m_s − m) over the splits, one thread per (query head, dim),
+// online over batches of kMergeSplits splits whose loads all go out together.
 template <typename T, int HD>
 __global__ void __launch_bounds__(HD) attention_merge_kernel(AttentionArgs a, int splits) {
-  allow_next_kernel();  // the GEMV after this may start streaming its weights
-  constexpr int kStride = kMaxGroup * (HD + 2);
-  constexpr int kBatch = 32;
+  allow_next_kernel();  // the o GEMV after this may start streaming its weights
+  constexpr int kStride = partial_floats(HD);
   const int head = blockIdx.x, d = threadIdx.x;
   const int kv = head / a.group, g = head % a.group;
-  const float* parts = a.workspace + size_t(kv) * splits * kStride + g * (HD + 2);
+  const float* parts = a.workspace + size_t(kv) * splits * kStride;
   float m = -FLT_MAX, l = 0.0f, o = 0.0f;
-  for (int s0 = 0; s0 < splits; s0 += kBatch) {
-    float ms[kBatch], ls[kBatch], os[kBatch];
+  grid_dependency_wait();  // the partials come from the attention kernel
+  for (int s0 = 0; s0 < splits; s0 += kMergeSplits) {
+    float ms[kMergeSplits], ls[kMergeSplits], os[kMergeSplits];
 #pragma unroll
-    for (int i = 0; i < kBatch; ++i) {
+    for (int i = 0; i < kMergeSplits; ++i) {
       const float* p = parts + size_t(s0 + i) * kStride;
       const bool in = s0 + i < splits;
-      ms[i] = in ? __ldcg(p + HD) : -FLT_MAX;
-      ls[i] = in ? __ldcg(p + HD + 1) : 0.0f;
-      os[i] = in ? __ldcg(p + d) : 0.0f;
+      ms[i] = in ? __ldcg(p + kMaxGroup * HD + g) : -FLT_MAX;
+      ls[i] = in ? __ldcg(p + kMaxGroup * HD + kMaxGroup + g) : 0.0f;
+      os[i] = in ? __ldcg(p + g * HD + d) : 0.0f;
     }
     float top = m;
 #pragma unroll
-    for (int i = 0; i < kBatch; ++i) top = ls[i] > 0.0f ? fmaxf(top, ms[i]) : top;
+    for (int i = 0; i < kMergeSplits; ++i) top = ls[i] > 0.0f ? fmaxf(top, ms[i]) : top;
     const float rescale = __expf(m - top);
     l *= rescale;
     o *= rescale;
 #pragma unroll
-    for (int i = 0; i < kBatch; ++i) {
+    for (int i = 0; i < kMergeSplits; ++i) {
       if (ls[i] > 0.0f) {  // an empty split's output was never written
         const float w = __expf(ms[i] - top);
         l = fmaf(ls[i], w, l);
@@ -310,21 +437,22 @@ __global__ void __launch_bounds__(HD) attention_merge_kernel(AttentionArgs a, in
 }
 
 template <typename T, int HD>
-void launch_attention_hd(const AttentionArgs& a, cudaStream_t stream) {
+cudaError_t launch_attention_hd(const AttentionArgs& a, cudaStream_t stream) {
   const int splits = attention_splits(a.max_slots);
-  decode_attention_kernel<T, HD><<<dim3(a.kv_heads, splits), kAttnThreads, 0, stream>>>(a);
-  attention_merge_kernel<T, HD><<<a.kv_heads * a.group, HD, 0, stream>>>(a, splits);
+  const cudaError_t err = launch_dependent(decode_attention_kernel<T, HD>, dim3(a.kv_heads, splits), dim3(kAttnThreads),
+                                           0, stream, a);
+  if (err != cudaSuccess) return err;
+  return launch_dependent(attention_merge_kernel<T, HD>, dim3(a.kv_heads * a.group), dim3(HD), 0, stream, a, splits);
 }
 
 template <typename T>
 cudaError_t launch_attention(const AttentionArgs& a, cudaStream_t stream) {
   switch (a.head_dim) {
-    case 64: launch_attention_hd<T, 64>(a, stream); break;
-    case 128: launch_attention_hd<T, 128>(a, stream); break;
-    case 256: launch_attention_hd<T, 256>(a, stream); break;
+    case 64: return launch_attention_hd<T, 64>(a, stream);
+    case 128: return launch_attention_hd<T, 128>(a, stream);
+    case 256: return launch_attention_hd<T, 256>(a, stream);
     default: return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
 }
 
 template <typename T>
@@ -340,7 +468,7 @@ void launch_rms_norm(const void* x, const void* weight, void* y, int rows, int d
 
 int attention_splits(int max_slots) { return (max_slots + kSlots - 1) / kSlots; }
 int64_t attention_workspace_floats(int kv_heads, int max_slots, int head_dim) {
-  return int64_t(kv_heads) * attention_splits(max_slots) * kMaxGroup * (head_dim + 2);
+  return int64_t(kv_heads) * attention_splits(max_slots) * partial_floats(head_dim);
 }
 bool attention_supported(int head_dim, int group) {
   return (head_dim == 64 || head_dim == 128 || head_dim == 256) && group >= 1 && group <= kMaxGroup;
