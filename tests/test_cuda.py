@@ -365,13 +365,27 @@ def test_fused_graph_step_matches_torch_ops(quantized, head_dim, window):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("head_dim,group,rotary_dim", [(64, 1, 64), (128, 4, 128), (256, 8, 256), (128, 3, 64)])
 def test_decode_attention_matches_softmax(dtype, head_dim, group, rotary_dim):
-    """The one-kernel decode attention against rotary_kv, then softmax(q Kᵀ·scale) V over the valid
-    slots: positions inside the first split, on split boundaries and at the cache's end, left padding, a
+    """The decode attention against rotary_kv, then softmax(q Kᵀ·scale) V over the valid slots:
+    positions inside the first split, on split boundaries and at the cache's end, left padding, a
     window, garbage (NaN) in every slot outside the valid range and in the token's own slot (which the
-    kernel writes), one workspace for all calls (its counters reset)."""
+    kernel writes), one workspace for all calls."""
+    check_decode_attention(dtype, head_dim, group, rotary_dim, 100,
+                           [(0, 0, 0), (5, 2, 0), (31, 0, 0), (32, 0, 0), (63, 10, 0), (99, 0, 0), (70, 0, 9),
+                            (64, 40, 30)])
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_attention_loops_over_a_long_cache(dtype):
+    """A cache of more splits than a KV head gets blocks: blocks take several splits; positions early
+    in it (most blocks idle), late, with padding and a window."""
+    check_decode_attention(dtype, 128, 4, 128, 3000, [(40, 0, 0), (2500, 0, 0), (2999, 1000, 0), (2100, 0, 700)])
+
+
+def check_decode_attention(dtype, head_dim, group, rotary_dim, slots, cases):
     from trimtab.backend import cuda_ops
 
-    kv_heads, slots = 2, 100
+    kv_heads = 2
     g = torch.Generator().manual_seed(head_dim + group)
     keys = torch.randn(1, kv_heads, slots, head_dim, generator=g).to(dtype).cuda()
     values = torch.randn(1, kv_heads, slots, head_dim, generator=g).to(dtype).cuda()
@@ -380,8 +394,7 @@ def test_decode_attention_matches_softmax(dtype, head_dim, group, rotary_dim):
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)).cuda()
     workspace = cuda_ops.new_attention_workspace(kv_heads, slots, head_dim, "cuda")
     scale = head_dim ** -0.5
-    for position, first, window in [(0, 0, 0), (5, 2, 0), (31, 0, 0), (32, 0, 0), (63, 10, 0), (99, 0, 0),
-                                    (70, 0, 9), (64, 40, 30)]:
+    for position, first, window in cases:
         lo = max(first, position - window + 1 if window else 0)
         at = torch.tensor([position], device="cuda")
         ref_k, ref_v = keys.clone(), values.clone()

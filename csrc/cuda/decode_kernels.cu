@@ -192,6 +192,9 @@ constexpr int kSlots = 32;                      // slots a block scores: a 1k ca
 constexpr int kParts = kAttnThreads / kSlots;   // threads scoring one slot
 constexpr int kMaxGroup = 8;                    // query heads per key/value head
 constexpr int kMergeSplits = 48;                // splits a merging thread has in flight
+constexpr int kMaxSplitBlocks = 64;             // blocks a KV head gets at most: more splits loop
+
+__host__ __device__ constexpr int attention_splits_of(int max_slots) { return (max_slots + kSlots - 1) / kSlots; }
 
 // A split's partial in the workspace: outputs [kMaxGroup][head_dim], maxima [kMaxGroup], sums [kMaxGroup]
 __host__ __device__ constexpr int partial_floats(int head_dim) { return kMaxGroup * (head_dim + 2); }
@@ -274,59 +277,61 @@ struct TokenRows {
   }
 };
 
-template <typename T, int HD>
-__global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttentionArgs a) {
-  allow_next_kernel();  // the o GEMV after this may start streaming its weights
-  constexpr int E = Vec16<T>::n;                    // elements a 16-byte load brings
-  constexpr int kPartDims = HD / kParts;            // a key's dims one scoring thread holds
-  constexpr int kKeyLoads = kPartDims / E;
-  constexpr int kRowVecs = HD / E;                  // 16-byte pieces of a value row
-  constexpr int kSlotGroups = kAttnThreads / kRowVecs;
-  constexpr int kValueLoads = kSlots / kSlotGroups;  // value rows a thread reads (its piece of each)
-  constexpr int kQPad = kPartDims + 4;              // parts of q 4 banks apart
-  __shared__ __align__(16) float qs[kMaxGroup][kParts][kQPad];
-  __shared__ float probs[kMaxGroup][kSlots];
-  __shared__ __align__(16) float sums[kSlotGroups][kMaxGroup][HD];
-  __shared__ float current[2][HD];  // this token's key and value, in the block that holds its slot
-  const int kv = blockIdx.x, split = blockIdx.y, splits = gridDim.y, tid = threadIdx.x;
-  const int G = a.group;
-  const int64_t position = *a.position;
-  const int64_t first = max(int64_t(*a.first_slot), a.window > 0 ? position - a.window + 1 : int64_t(0));
-  const int64_t base = int64_t(split) * kSlots;
-  const int64_t s_begin = max(base, first);
-  const int64_t s_end = min(min(base + kSlots, position + 1), int64_t(a.max_slots));  // exclusive
-  const bool holds_current = position >= base && position < base + kSlots && position < a.max_slots;
-  const bool attends = s_begin < s_end;
-  float* part = a.workspace + (size_t(kv) * splits + split) * partial_floats(HD);
-  const auto valid = [&](int s) { return base + s >= s_begin && base + s < s_end; };
-  const auto cached = [&](int s) { return valid(s) && base + s != position; };  // written by an earlier step
-  const T* keys = static_cast<const T*>(a.keys) + size_t(kv) * a.head_stride + size_t(base) * a.slot_stride;
-  const T* values = static_cast<const T*>(a.values) + size_t(kv) * a.head_stride + size_t(base) * a.slot_stride;
+// Split s: slots [s·kSlots, +kSlots) ∩ [first valid, position] (and inside the cache).
+struct SplitSlots {
+  int64_t base, begin, end;  // end exclusive
+  __device__ SplitSlots(int split, int64_t first, int64_t position, int max_slots)
+      : base(int64_t(split) * kSlots), begin(max(base, first)),
+        end(min(min(base + kSlots, position + 1), int64_t(max_slots))) {}
+  __device__ bool attends() const { return begin < end; }
+  __device__ bool valid(int s) const { return base + s >= begin && base + s < end; }
+};
 
-  // every key and value load of earlier slots at once: key slot tid / kParts (its part tid % kParts),
-  // value piece tid % kRowVecs of slots tid / kRowVecs + kSlotGroups·i; other slots read as 0
-  const int k_slot = tid / kParts, k_part = tid % kParts;
-  const int v_piece = tid % kRowVecs, v_group = tid / kRowVecs;
-  float kf[kKeyLoads][E] = {}, vf[kValueLoads][E] = {};
-  if (attends) {
+// The splits up to the position's (the merge reads no others); a block takes splits blockIdx.y,
+// blockIdx.y + gridDim.y, ... of them, so the grid need not grow with the cache.
+__device__ __forceinline__ int live_splits(const AttentionArgs& a, int64_t position) {
+  return int(min(int64_t(attention_splits_of(a.max_slots)), position / kSlots + 1));
+}
+
+// How a block's threads share a split of 32 slots: four threads score a slot (each kPartDims of its
+// dims, 16 bytes a load); each thread reads a 16-byte piece of kValueLoads value rows.
+template <typename T, int HD>
+struct SplitWork {
+  static constexpr int E = Vec16<T>::n;                    // elements a 16-byte load brings
+  static constexpr int kPartDims = HD / kParts;            // a key's dims one scoring thread holds
+  static constexpr int kKeyLoads = kPartDims / E;
+  static constexpr int kRowVecs = HD / E;                  // 16-byte pieces of a value row
+  static constexpr int kSlotGroups = kAttnThreads / kRowVecs;
+  static constexpr int kValueLoads = kSlots / kSlotGroups;  // value rows a thread reads (its piece of each)
+  static constexpr int kQPad = kPartDims + 4;              // parts of q 4 banks apart
+  const int k_slot = threadIdx.x / kParts, k_part = threadIdx.x % kParts;
+  const int v_piece = threadIdx.x % kRowVecs, v_group = threadIdx.x / kRowVecs;
+  float kf[kKeyLoads][E], vf[kValueLoads][E];
+
+  // every key and value load of the split's slots written by earlier steps, at once; others read as 0
+  __device__ void load(const AttentionArgs& a, int kv, const SplitSlots& split, int64_t position) {
+    const T* keys = static_cast<const T*>(a.keys) + size_t(kv) * a.head_stride + size_t(split.base) * a.slot_stride;
+    const T* values =
+        static_cast<const T*>(a.values) + size_t(kv) * a.head_stride + size_t(split.base) * a.slot_stride;
+    const auto cached = [&](int s) { return split.valid(s) && split.base + s != position; };
 #pragma unroll
-    for (int j = 0; j < kKeyLoads; ++j)
+    for (int j = 0; j < kKeyLoads; ++j) {
+#pragma unroll
+      for (int e = 0; e < E; ++e) kf[j][e] = 0.0f;
       if (cached(k_slot)) Vec16<T>::load(keys + size_t(k_slot) * a.slot_stride + k_part * kPartDims + j * E, kf[j]);
+    }
 #pragma unroll
     for (int i = 0; i < kValueLoads; ++i) {
       const int s = v_group + i * kSlotGroups;
+#pragma unroll
+      for (int e = 0; e < E; ++e) vf[i][e] = 0.0f;
       if (cached(s)) Vec16<T>::load(values + size_t(s) * a.slot_stride + v_piece * E, vf[i]);
     }
   }
-  TokenRows<T, HD> token;
-  token.angles(a, position);
-  grid_dependency_wait();  // q, k and v come from the kernel before
-  token.load(a, kv, holds_current);
-  if (holds_current) token.store_current(a, kv, position, current);
-  if (attends) {
-    token.store_queries(a, qs);
-    __syncthreads();  // qs, current
-    if (base + k_slot == position) {
+
+  // this token's own slot from shared memory (its key and value were never read from the cache)
+  __device__ void take_current(const SplitSlots& split, int64_t position, const float (&current)[2][HD]) {
+    if (split.base + k_slot == position) {
 #pragma unroll
       for (int j = 0; j < kKeyLoads; ++j)
 #pragma unroll
@@ -334,85 +339,125 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(Attentio
     }
 #pragma unroll
     for (int i = 0; i < kValueLoads; ++i)
-      if (base + v_group + i * kSlotGroups == position)
+      if (split.base + v_group + i * kSlotGroups == position)
 #pragma unroll
         for (int e = 0; e < E; ++e) vf[i][e] = current[1][v_piece * E + e];
+  }
+};
 
-    // scores: this thread's part of the dot, summed over the slot's kParts neighbouring lanes
+template <typename T, int HD>
+__global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttentionArgs a) {
+  allow_next_kernel();  // the o GEMV after this may start streaming its weights
+  using Work = SplitWork<T, HD>;
+  constexpr int E = Work::E, kSlotGroups = Work::kSlotGroups, kValueLoads = Work::kValueLoads;
+  __shared__ __align__(16) float qs[kMaxGroup][kParts][Work::kQPad];
+  __shared__ float probs[kMaxGroup][kSlots];
+  __shared__ __align__(16) float sums[kSlotGroups][kMaxGroup][HD];
+  __shared__ float current[2][HD];  // this token's key and value, in the block that holds its slot
+  const int kv = blockIdx.x, tid = threadIdx.x, G = a.group;
+  const int64_t position = *a.position;
+  const int64_t first = max(int64_t(*a.first_slot), a.window > 0 ? position - a.window + 1 : int64_t(0));
+  const int live = live_splits(a, position), splits = attention_splits_of(a.max_slots);
+  int split = blockIdx.y;
+  if (split >= live) return;  // the cache past the position: nothing to do
+  const int current_split = int(position / kSlots);
+  const bool holds_current = current_split < live && current_split % int(gridDim.y) == int(blockIdx.y);
+  Work work;
+  SplitSlots slots(split, first, position, a.max_slots);
+  work.load(a, kv, slots, position);  // the first split's earlier slots: before waiting for the q/k/v GEMV
+  TokenRows<T, HD> token;
+  token.angles(a, position);
+  grid_dependency_wait();  // q, k and v come from the kernel before
+  token.load(a, kv, holds_current);
+  if (holds_current) token.store_current(a, kv, position, current);
+  token.store_queries(a, qs);
+  __syncthreads();  // qs, current
+  for (;;) {
+    float* part = a.workspace + (size_t(kv) * splits + split) * partial_floats(HD);
+    if (slots.attends()) {
+      work.take_current(slots, position, current);
+      // scores: this thread's part of the dot, summed over the slot's kParts neighbouring lanes
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
-      if (g >= G) break;
-      float dot = 0.0f;
+      for (int g = 0; g < kMaxGroup; ++g) {
+        if (g >= G) break;
+        float dot = 0.0f;
 #pragma unroll
-      for (int j = 0; j < kKeyLoads; ++j)
+        for (int j = 0; j < Work::kKeyLoads; ++j)
 #pragma unroll
-        for (int e = 0; e < E; e += 4) {
-          const float4 q4 = *reinterpret_cast<const float4*>(&qs[g][k_part][j * E + e]);
-          dot = fmaf(q4.x, kf[j][e], fmaf(q4.y, kf[j][e + 1], fmaf(q4.z, kf[j][e + 2], fmaf(q4.w, kf[j][e + 3], dot))));
+          for (int e = 0; e < E; e += 4) {
+            const float4 q4 = *reinterpret_cast<const float4*>(&qs[g][work.k_part][j * E + e]);
+            dot = fmaf(q4.x, work.kf[j][e], fmaf(q4.y, work.kf[j][e + 1],
+                       fmaf(q4.z, work.kf[j][e + 2], fmaf(q4.w, work.kf[j][e + 3], dot))));
+          }
+#pragma unroll
+        for (int o = 1; o < kParts; o <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        if (work.k_part == 0) probs[g][work.k_slot] = slots.valid(work.k_slot) ? dot : -FLT_MAX;
+      }
+      __syncthreads();
+
+      // softmax statistics: warp w takes query heads w, w + 4, ...; lane = slot
+      const int warp = tid / 32, lane = tid % 32;
+      for (int g = warp; g < G; g += kAttnThreads / 32) {
+        const float score = probs[g][lane];
+        const float m = warp_max(score);  // finite: the split has a valid slot
+        const float p = __expf(score - m);
+        probs[g][lane] = p;
+        const float l = warp_sum(p);
+        if (lane == 0) part[kMaxGroup * HD + g] = m, part[kMaxGroup * HD + kMaxGroup + g] = l;
+      }
+      __syncthreads();
+
+      // p·V: this thread's piece of its slots' value rows, then the slot groups added in shared memory
+#pragma unroll
+      for (int g = 0; g < kMaxGroup; ++g) {
+        if (g >= G) break;
+        float o[E] = {};
+#pragma unroll
+        for (int i = 0; i < kValueLoads; ++i) {
+          const float p = probs[g][work.v_group + i * kSlotGroups];
+#pragma unroll
+          for (int e = 0; e < E; ++e) o[e] = fmaf(p, work.vf[i][e], o[e]);
         }
 #pragma unroll
-      for (int o = 1; o < kParts; o <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-      if (k_part == 0) probs[g][k_slot] = valid(k_slot) ? dot : -FLT_MAX;
-    }
-    __syncthreads();
-
-    // softmax statistics: warp w takes query heads w, w + 4, ...; lane = slot
-    const int warp = tid / 32, lane = tid % 32;
-    for (int g = warp; g < G; g += kAttnThreads / 32) {
-      const float score = probs[g][lane];
-      const float m = warp_max(score);  // finite: the block has a valid slot
-      const float p = __expf(score - m);
-      probs[g][lane] = p;
-      const float l = warp_sum(p);
-      if (lane == 0) part[kMaxGroup * HD + g] = m, part[kMaxGroup * HD + kMaxGroup + g] = l;
-    }
-    __syncthreads();
-
-    // p·V: this thread's piece of its slots' value rows, then the slot groups added in shared memory
-#pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
-      if (g >= G) break;
-      float o[E] = {};
-#pragma unroll
-      for (int i = 0; i < kValueLoads; ++i) {
-        const float p = probs[g][v_group + i * kSlotGroups];
-#pragma unroll
-        for (int e = 0; e < E; ++e) o[e] = fmaf(p, vf[i][e], o[e]);
+        for (int e = 0; e < E; e += 4)
+          *reinterpret_cast<float4*>(&sums[work.v_group][g][work.v_piece * E + e]) =
+              make_float4(o[e], o[e + 1], o[e + 2], o[e + 3]);
       }
+      __syncthreads();  // (the next split's scores write probs only after two more barriers than sums' reads)
+      for (int i = tid; i < G * HD; i += kAttnThreads) {
+        float s = 0.0f;
 #pragma unroll
-      for (int e = 0; e < E; e += 4)
-        *reinterpret_cast<float4*>(&sums[v_group][g][v_piece * E + e]) =
-            make_float4(o[e], o[e + 1], o[e + 2], o[e + 3]);
+        for (int k = 0; k < kSlotGroups; ++k) s += sums[k][i / HD][i % HD];
+        part[i] = s;
+      }
+    } else if (tid < G) {  // nothing to attend to here (before the first valid slot): an empty partial
+      part[kMaxGroup * HD + tid] = -FLT_MAX, part[kMaxGroup * HD + kMaxGroup + tid] = 0.0f;
     }
-    __syncthreads();
-    for (int i = tid; i < G * HD; i += kAttnThreads) {
-      float s = 0.0f;
-#pragma unroll
-      for (int k = 0; k < kSlotGroups; ++k) s += sums[k][i / HD][i % HD];
-      part[i] = s;
-    }
-  } else if (tid < G) {  // nothing to attend to here: an empty partial
-    part[kMaxGroup * HD + tid] = -FLT_MAX, part[kMaxGroup * HD + kMaxGroup + tid] = 0.0f;
+    split += gridDim.y;
+    if (split >= live) break;
+    slots = SplitSlots(split, first, position, a.max_slots);
+    work.load(a, kv, slots, position);
   }
 }
 
 // out = Σ_s o_s·e^(m_s − m) / Σ_s l_s·e^(m_s − m) over the splits, one thread per (query head, dim),
 // online over batches of kMergeSplits splits whose loads all go out together.
 template <typename T, int HD>
-__global__ void __launch_bounds__(HD) attention_merge_kernel(AttentionArgs a, int splits) {
+__global__ void __launch_bounds__(HD) attention_merge_kernel(AttentionArgs a) {
   allow_next_kernel();  // the o GEMV after this may start streaming its weights
   constexpr int kStride = partial_floats(HD);
   const int head = blockIdx.x, d = threadIdx.x;
   const int kv = head / a.group, g = head % a.group;
-  const float* parts = a.workspace + size_t(kv) * splits * kStride;
+  const float* parts = a.workspace + size_t(kv) * attention_splits_of(a.max_slots) * kStride;
+  const int live = live_splits(a, *a.position);  // later splits were not written
   float m = -FLT_MAX, l = 0.0f, o = 0.0f;
   grid_dependency_wait();  // the partials come from the attention kernel
-  for (int s0 = 0; s0 < splits; s0 += kMergeSplits) {
+  for (int s0 = 0; s0 < live; s0 += kMergeSplits) {
     float ms[kMergeSplits], ls[kMergeSplits], os[kMergeSplits];
 #pragma unroll
     for (int i = 0; i < kMergeSplits; ++i) {
       const float* p = parts + size_t(s0 + i) * kStride;
-      const bool in = s0 + i < splits;
+      const bool in = s0 + i < live;
       ms[i] = in ? __ldcg(p + kMaxGroup * HD + g) : -FLT_MAX;
       ls[i] = in ? __ldcg(p + kMaxGroup * HD + kMaxGroup + g) : 0.0f;
       os[i] = in ? __ldcg(p + g * HD + d) : 0.0f;
@@ -438,11 +483,10 @@ __global__ void __launch_bounds__(HD) attention_merge_kernel(AttentionArgs a, in
 
 template <typename T, int HD>
 cudaError_t launch_attention_hd(const AttentionArgs& a, cudaStream_t stream) {
-  const int splits = attention_splits(a.max_slots);
-  const cudaError_t err = launch_dependent(decode_attention_kernel<T, HD>, dim3(a.kv_heads, splits), dim3(kAttnThreads),
-                                           0, stream, a);
+  const dim3 grid(a.kv_heads, std::min(attention_splits_of(a.max_slots), kMaxSplitBlocks));
+  const cudaError_t err = launch_dependent(decode_attention_kernel<T, HD>, grid, dim3(kAttnThreads), 0, stream, a);
   if (err != cudaSuccess) return err;
-  return launch_dependent(attention_merge_kernel<T, HD>, dim3(a.kv_heads * a.group), dim3(HD), 0, stream, a, splits);
+  return launch_dependent(attention_merge_kernel<T, HD>, dim3(a.kv_heads * a.group), dim3(HD), 0, stream, a);
 }
 
 template <typename T>
@@ -466,7 +510,7 @@ void launch_rms_norm(const void* x, const void* weight, void* y, int rows, int d
 
 }  // namespace
 
-int attention_splits(int max_slots) { return (max_slots + kSlots - 1) / kSlots; }
+int attention_splits(int max_slots) { return attention_splits_of(max_slots); }
 int64_t attention_workspace_floats(int kv_heads, int max_slots, int head_dim) {
   return int64_t(kv_heads) * attention_splits(max_slots) * partial_floats(head_dim);
 }
