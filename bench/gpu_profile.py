@@ -191,6 +191,7 @@ def _layer_critical_path(kernels: list[tuple[str, float, float]], layers: int) -
 
 def _kernel_kind(name: str) -> str:
     for pattern, kind in (("qgemv", "trimtab GEMV"), ("decode_attention", "attention + rotary + KV write (trimtab)"),
+                          ("attention_merge", "attention's merge (trimtab)"),
                           ("fmha|attention|flash|efficient", "attention (SDPA)"), ("rotary_kv", "rotary + KV write"),
                           ("rms|norm", "RMSNorm"), ("index_copy|indexing|scatter", "KV cache write"),
                           ("silu|mul|add|sub|cat|copy|roll|cos|sin|fill|where|compare|bitwise|elementwise",
@@ -276,11 +277,11 @@ def main() -> None:
         results["ncu_gemv"] = ncu_gemv()
         print(json.dumps(results["ncu_gemv"], indent=1)[:4000], flush=True)
     if "ncu_decode" in parts:  # the decode step's other kernels: the last launch of each in the last step
-        launches = run_ncu("trimtab_cuda.*(decode_attention|rms_norm|rotary_kv)", 0, 1000,
+        launches = run_ncu("trimtab_cuda.*(decode_attention|attention_merge|rms_norm)", 0, 1000,
                            "--decode-driver")
         if isinstance(launches, list):
             launches = {kind: next(l for l in reversed(launches) if kind in l["kernel"])
-                        for kind in ("decode_attention", "rms_norm", "rotary_kv")
+                        for kind in ("decode_attention", "attention_merge", "rms_norm")
                         if any(kind in l["kernel"] for l in launches)}
         results["ncu_decode"] = launches
         print(json.dumps(results["ncu_decode"], indent=1)[:3000], flush=True)
