@@ -189,6 +189,12 @@ def _layer_critical_path(kernels: list[tuple[str, float, float]], layers: int) -
     return {"step_us": kernels[-1][2] - kernels[0][1], "kernels": len(kernels), "roles": roles}
 
 
+# a layer of the fused decode step (backend/cuda_decode.py), as kernel names and as what each does
+FUSED_LAYER_KERNELS = ["qgemv", "decode_attention", "attention_merge", "qgemv", "qgemv", "qgemv"]
+FUSED_LAYER = ["GEMV q, k, v (RMSNorm inside)", "attention (rotary, KV write, split attention)", "attention's merge",
+               "GEMV o (+ residual, Σ x²)", "GEMV gate, up (RMSNorm inside)", "GEMV down (silu(gate)·up, + residual, Σ x²)"]
+
+
 def _kernel_kind(name: str) -> str:
     for pattern, kind in (("qgemv", "trimtab GEMV"), ("decode_attention", "attention + rotary + KV write (trimtab)"),
                           ("attention_merge", "attention's merge (trimtab)"),
@@ -244,13 +250,15 @@ def report(path: Path) -> None:
                  + markdown_table(["kernels", "µs per token", "launches", "share"], rows) + "\n")
         layer = step.get("graph_layer", {})
         if layer.get("roles"):
-            rows = [[f"{k + 1}", role["kind"], f"{role['added_us']:.1f}", f"{role['duration_us']:.1f}"]
-                    for k, role in enumerate(layer["roles"])]
+            kinds = [role["kind"] for role in layer["roles"]]
+            names = FUSED_LAYER if [_kernel_kind(name) for name in FUSED_LAYER_KERNELS] == kinds else kinds
+            rows = [[f"{k + 1}", name, f"{role['added_us']:.1f}", f"{role['duration_us']:.1f}"]
+                    for k, (name, role) in enumerate(zip(names, layer["roles"]))]
             body += (f"\nThe same step replayed as the CUDA graph ({layer['kernels']} kernels, "
                      f"{layer['step_us'] / 1e3:.2f} ms first start to last end under the profiler): what each "
                      f"kernel of a layer adds to the step (its end minus the previous kernel's end; kernels "
                      f"overlap under dependent launch), averaged over the middle layers.\n\n"
-                     + markdown_table(["kernel of the layer", "kind", "µs added", "µs start to end"], rows) + "\n")
+                     + markdown_table(["", "kernel of the layer", "µs added", "µs start to end"], rows) + "\n")
     write_section("gpu_profile", body, script="gpu_profile")
 
 
