@@ -192,7 +192,8 @@ def _layer_critical_path(kernels: list[tuple[str, float, float]], layers: int) -
 # a layer of the fused decode step (backend/cuda_decode.py), as kernel names and as what each does
 FUSED_LAYER_KERNELS = ["qgemv", "decode_attention", "attention_merge", "qgemv", "qgemv", "qgemv"]
 FUSED_LAYER = ["GEMV q, k, v (RMSNorm inside)", "attention (rotary, KV write, split attention)", "attention's merge",
-               "GEMV o (+ residual, Σ x²)", "GEMV gate, up (RMSNorm inside)", "GEMV down (silu(gate)·up, + residual, Σ x²)"]
+               "GEMV o (+ residual, Σ x²)", "GEMV gate, up (RMSNorm inside)",
+               "GEMV down (silu(gate)·up, + residual, Σ x²)"]
 
 
 def _kernel_kind(name: str) -> str:

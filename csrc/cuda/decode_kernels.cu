@@ -168,11 +168,13 @@ __global__ void silu_mul_kernel(const T* gate, const T* up, T* out, int64_t n) {
 
 // ---- decode attention ---------------------------------------------------------------------------
 // Two kernels a layer for one token. The attention kernel does rotary, the cache write and the
-// attention split over the cache's slots (flash-decoding): block (kv head, split) attends to the
-// split's slots [split·kSlots, +kSlots) ∩ [first valid, position]. Latency, not bandwidth, bounds a
-// block (a 1k cache is 4 MB a layer), so:
+// attention split over the cache's slots (flash-decoding): split s is slots [s·kSlots, +kSlots) ∩
+// [first valid, position]; a kv head gets at most kMaxSplitBlocks blocks, block y taking splits y,
+// y + gridDim.y, ... up to the position's, so the grid does not grow with the cache. Latency, not
+// bandwidth, bounds a block (a 1k cache is 4 MB a layer), so:
 //  - the cache's earlier slots were written by earlier steps: every thread puts all its key and value
-//    loads of them in flight (16 bytes each) before waiting for the q/k/v GEMV (dependent launch);
+//    loads of its first split in flight (16 bytes each) before waiting for the q/k/v GEMV (dependent
+//    launch), and the rotary angles are taken meanwhile;
 //  - then each block rotates its G query heads into shared memory (pre-scaled; the 4 parts of a head
 //    4 banks apart), and the block holding slot `position` rotates this token's key and writes it and
 //    the value into the cache, keeping both in shared memory for its own slot;
@@ -184,11 +186,11 @@ __global__ void silu_mul_kernel(const T* gate, const T* up, T* out, int64_t n) {
 // gives each (query head, dim) a thread that loads every split's partial at once (up to
 // kMergeSplits: one memory latency for a cache of 1.5k slots). The last block of a kv head merging
 // the splits inside the attention kernel cost more (H100, Llama-3-8B shapes, context 1024: 11.6 µs a
-// layer after the q/k/v GEMV against 9.9 for both kernels): its one block per kv head merged
+// layer after the q/k/v GEMV against 9.3 for the two kernels): its one block per kv head merged
 // 16 splits at a time, and counting the blocks took a round trip more.
 
 constexpr int kAttnThreads = 128;
-constexpr int kSlots = 32;                      // slots a block scores: a 1k cache is 33 blocks a KV head
+constexpr int kSlots = 32;                      // slots a split scores: a 1k cache is 33 splits a KV head
 constexpr int kParts = kAttnThreads / kSlots;   // threads scoring one slot
 constexpr int kMaxGroup = 8;                    // query heads per key/value head
 constexpr int kMergeSplits = 48;                // splits a merging thread has in flight
