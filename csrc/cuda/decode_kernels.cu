@@ -201,6 +201,9 @@ __host__ __device__ constexpr int attention_splits_of(int max_slots) { return (m
 // A split's partial in the workspace: outputs [kMaxGroup][head_dim], maxima [kMaxGroup], sums [kMaxGroup]
 __host__ __device__ constexpr int partial_floats(int head_dim) { return kMaxGroup * (head_dim + 2); }
 
+// A key's dims one scoring thread holds (and one part of a pre-scaled query in shared memory)
+__host__ __device__ constexpr int part_dims(int head_dim) { return head_dim / kParts; }
+
 template <typename T>
 struct Vec16 {  // 16 bytes of T, as floats
   static constexpr int n = 16 / sizeof(T);
@@ -219,7 +222,7 @@ template <typename T, int HD>
 struct TokenRows {
   static constexpr int kDims = HD > kAttnThreads ? HD / kAttnThreads : 1;  // distinct dims a thread rotates
   static constexpr int kQueryLoads = kMaxGroup * HD / kAttnThreads;        // its q elements at most
-  static constexpr int kPartDims = HD / kParts;
+  static constexpr int kPartDims = part_dims(HD);
   RotaryAngle angle[kDims];
   float q[kQueryLoads] = {}, q_partner[kQueryLoads] = {}, k[kDims] = {}, k_partner[kDims] = {}, v[kDims] = {};
 
@@ -300,7 +303,7 @@ __device__ __forceinline__ int live_splits(const AttentionArgs& a, int64_t posit
 template <typename T, int HD>
 struct SplitWork {
   static constexpr int E = Vec16<T>::n;                    // elements a 16-byte load brings
-  static constexpr int kPartDims = HD / kParts;            // a key's dims one scoring thread holds
+  static constexpr int kPartDims = part_dims(HD);
   static constexpr int kKeyLoads = kPartDims / E;
   static constexpr int kRowVecs = HD / E;                  // 16-byte pieces of a value row
   static constexpr int kSlotGroups = kAttnThreads / kRowVecs;
@@ -363,7 +366,8 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(Attentio
   int split = blockIdx.y;
   if (split >= live) return;  // the cache past the position: nothing to do
   const int current_split = int(position / kSlots);
-  const bool holds_current = current_split < live && current_split % int(gridDim.y) == int(blockIdx.y);
+  const bool holds_current =  // the block whose splits include the token's slot, if the cache has that slot
+      position < a.max_slots && current_split < live && current_split % int(gridDim.y) == int(blockIdx.y);
   Work work;
   SplitSlots slots(split, first, position, a.max_slots);
   work.load(a, kv, slots, position);  // the first split's earlier slots: before waiting for the q/k/v GEMV
