@@ -51,6 +51,7 @@ struct GemvGroup {  // a launch: layer i takes blocks [first_block[i], first_blo
   const int64_t* route;     // nullptr, or [slots]: slot s (blocks [s, s + 1) · slot_blocks) runs layer
   int slot_blocks;          // route[s] on x row s (x_slot_bytes apart, 0: one x) into output row s
   int64_t x_slot_bytes, y_slot_bytes;
+  L2Prefetch next;          // the next GEMV's first chunks, sent to L2 by each block as it ends
 };
 
 __host__ __device__ constexpr int align16(int bytes) { return (bytes + 15) / 16 * 16; }
@@ -138,18 +139,37 @@ __device__ __forceinline__ void finish_chunk_x(const GemvArgs& a, const float (&
   }
 }
 
-// Each row's 1 / rms(x) from its partial sums of squares, added in a fixed order (the same on every
-// warp, block and call): rsqrt(Σ x² / dim + eps), as the RMSNorm kernel computes it.
+// Each row's partial sums of squares (RowNorm.sumsq), this lane's parts i = lane, lane + 32, ...: the
+// first kEarlyParts of them loaded as x's are, before the ring's requests (behind which they would
+// queue: 2.0-2.7 µs of the q/k/v and gate/up GEMVs, H100), the rest (rows over 16,384 wide) when summed.
+constexpr int kEarlyParts = 4;
 template <int NB>
-__device__ __forceinline__ void row_inv_rms(const RowNorm& norm, float (&inv_rms)[NB]) {
-  const int parts = (norm.dim + kWarpCols - 1) / kWarpCols;
+struct RowSquares {
+  float early[NB][kEarlyParts];
+  __device__ __forceinline__ void load(const RowNorm& norm) {
+    const int parts = (norm.dim + kWarpCols - 1) / kWarpCols, lane = threadIdx.x % 32;
 #pragma unroll
-  for (int b = 0; b < NB; ++b) {
-    float sum = 0.0f;
-    for (int i = threadIdx.x % 32; i < parts; i += 32) sum += __ldcg(norm.sumsq + b * parts + i);
-    inv_rms[b] = rsqrtf(warp_sum(sum) / float(norm.dim) + norm.eps);
+    for (int b = 0; b < NB; ++b)
+#pragma unroll
+      for (int k = 0; k < kEarlyParts; ++k) {
+        const int i = lane + 32 * k;
+        early[b][k] = i < parts ? __ldcg(norm.sumsq + b * parts + i) : 0.0f;
+      }
   }
-}
+  // 1 / rms(x) of each row, the parts added in a fixed order (the same on every warp, block and call):
+  // rsqrt(Σ x² / dim + eps), as the RMSNorm kernel computes it
+  __device__ __forceinline__ void inv_rms(const RowNorm& norm, float (&out)[NB]) const {
+    const int parts = (norm.dim + kWarpCols - 1) / kWarpCols;
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kEarlyParts; ++k) sum += early[b][k];
+      for (int i = threadIdx.x % 32 + 32 * kEarlyParts; i < parts; i += 32) sum += __ldcg(norm.sumsq + b * parts + i);
+      out[b] = rsqrtf(warp_sum(sum) / float(norm.dim) + norm.eps);
+    }
+  }
+};
 
 template <int NB>
 __device__ __forceinline__ void store_chunk_x(const float (&v)[NB], int slot, int x_slots, const StagedX& xs) {
@@ -195,8 +215,10 @@ __device__ void stage_x(const GemvArgs& a, int first, const StagedX& xs, F&& whi
       load_chunk_x<T, NB>(a, chunk < chunks ? chunk : chunk - chunks, v[p], with[p]);
     }
     if (s0 == warp) {
+      RowSquares<NB> squares;
+      if (a.in.norm.sumsq != nullptr) squares.load(a.in.norm);
       while_loads_fly();
-      if (a.in.norm.sumsq != nullptr) row_inv_rms<NB>(a.in.norm, inv_rms);
+      if (a.in.norm.sumsq != nullptr) squares.inv_rms(a.in.norm, inv_rms);
     }
 #pragma unroll
     for (int p = 0; p < passes; ++p) {
@@ -569,6 +591,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerMultiprocessor<NB>)
     }
     finish_tile<T, NB>(a, blk, tile, acc, red);
   }
+  // every chunk of the block is in flight or here: while the blocks meet over shared tiles and the next
+  // kernel starts, DRAM streams that kernel's first chunks into L2
+  prefetch_share(group.next, blockIdx.x * kThreads + threadIdx.x, gridDim.x * kThreads);
   asm volatile("cp.async.wait_all;");
   settle_shared_tiles<T, NB>(a, blk);
 }
@@ -659,6 +684,31 @@ void plan_layers(const QLayer* layers, int count, int batch, int target_blocks, 
 
 }  // namespace
 
+L2Prefetch gemv_l2_prefetch(const QLayer* layers, int count, int batch, int target_blocks, int64_t budget) {
+  L2Prefetch p{};
+  if (count < 1 || count > kMaxGemvLayers || batch < 1 || batch > kMaxBatchRows || budget <= 0) return p;
+  GemvPlan plans[kMaxGemvLayers];
+  plan_layers(layers, count, batch, target_blocks, 0, plans);
+  const auto words_bytes = [](const QLayer& L) { return int64_t(tiles_of(L)) * L.word_rows * kWarpCols * 4; };
+  const auto scale_bytes = [](const QLayer& L) { return int64_t(tiles_of(L)) * L.groups * kWarpCols * 4; };
+  int64_t total = 0;
+  for (int i = 0; i < count; ++i) total += words_bytes(layers[i]) + scale_bytes(layers[i]);
+  const double share = std::min(1.0, double(budget) / double(total));
+  for (int i = 0; i < count; ++i) {
+    const GemvPlan& plan = plans[i];
+    const int64_t items = items_of(layers[i]);
+    const auto add = [&](const void* base, int64_t bytes) {  // block b's run starts about b·stride in
+      const int64_t stride = bytes * plan.items_per_block / items / 16 * 16;
+      const int64_t last = bytes - (plan.grid - 1) * stride;  // the last block's run is the shortest
+      const int64_t piece = std::min({stride, last, int64_t(share * double(stride))}) / 16 * 16;
+      if (piece >= 16) p.parts[p.count++] = L2Run{static_cast<const char*>(base), stride, int32_t(piece), plan.grid};
+    };
+    add(layers[i].words, words_bytes(layers[i]));
+    add(layers[i].scale_min, scale_bytes(layers[i]));
+  }
+  return p;
+}
+
 int64_t qgemv_workspace_floats(const QLayer* layers, int count, int batch, int target_blocks, int slots) {
   GemvPlan plans[kMaxGemvLayers];
   plan_layers(layers, count, batch, target_blocks, slots, plans);
@@ -674,7 +724,8 @@ int qgemv_counters(const QLayer* layers, int count, int slots) {
 }
 
 cudaError_t qgemv(const GemvInput& in, const QLayer* layers, const GemvOutput* outs, int count, int batch, int dtype,
-                  float* workspace, int* counters, int target_blocks, const GemvRoute* route, cudaStream_t stream) {
+                  float* workspace, int* counters, int target_blocks, const GemvRoute* route, const L2Prefetch* next,
+                  cudaStream_t stream) {
   if (batch < 1 || batch > kMaxBatchRows || count < 1 || count > kMaxGemvLayers) return cudaErrorInvalidValue;
   const int slots = route ? route->slots : 0;
   if (route && (batch != 1 || slots < 1 || in.norm.sumsq != nullptr)) return cudaErrorInvalidValue;
@@ -702,6 +753,7 @@ cudaError_t qgemv(const GemvInput& in, const QLayer* layers, const GemvOutput* o
   }
   g.first_block[count] = launch.grid;
   g.count = count;
+  if (next != nullptr) g.next = *next;
   if (route) {
     const int64_t element = dtype == 2 ? 4 : 2;
     g.route = route->experts;
