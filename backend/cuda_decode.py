@@ -32,16 +32,11 @@ import torch.nn.functional as F
 from trimtab.backend import cuda_ops, ops
 from trimtab.backend.errors import TrimtabError
 from trimtab.backend.kv_cache import KVCache
-from trimtab.backend.quant.cuda_linear import (CudaPackedLinear, L2Next, RowNorm, gemv, l2_next, routed_gemv,
-                                               routes_gemv, shares_gemv, statistics_shape)
+from trimtab.backend.quant.cuda_linear import (CudaPackedLinear, RowNorm, gemv, routed_gemv, routes_gemv,
+                                               shares_gemv, statistics_shape)
 
 
 class CudaGraphDecoder:
-    # bytes of the next GEMV launch's weights each kernel of the step sends to L2 (docs/CUDA.md): the
-    # start of every block's run, so that the next launch's first chunks come from L2
-    l2_prefetch_bytes = 0        # by each GEMV for the next (the q/k/v GEMV's next: the o GEMV, unless...)
-    o_prefetch_bytes = 0         # ...the attention's merge sends the o GEMV's instead
-
     def __init__(self, model, prefill_chunk: int = 2048):
         if model.device.type != "cuda":
             raise TrimtabError(f"the CUDA graph decoder needs a model on a CUDA device, not {model.device}")
@@ -165,29 +160,20 @@ class CudaGraphDecoder:
         rope, rotary_dim = m.rope, m.args.rotary_dim
         x = m.embed(self.token).view(1, -1)                                 # [1, D]
         stats = None                        # x's Σ x² per 128 columns, where the GEMV that made x wrote them
-
-        def upcoming(linears):              # what the kernel before a GEMV of these layers sends to L2
-            return l2_next(linears, self.l2_prefetch_bytes)
-
-        for i, layer in enumerate(m.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            after = m.layers[i + 1].self_attn if i + 1 < len(m.layers) else None
-            next_qkv = (after.q_proj, after.k_proj, after.v_proj) if after is not None else (m.lm_head,)
-            o_by_merge = l2_next((attn.o_proj,), self.o_prefetch_bytes)
+        for layer in m.layers:
+            attn = layer.self_attn
             keys, values = cache.keys[layer.index], cache.values[layer.index]  # [1, H_kv, T, hd]
             q, k, v = _normed_projections((attn.q_proj, attn.k_proj, attn.v_proj), x, layer.input_layernorm,
-                                          stats, None if o_by_merge else upcoming((attn.o_proj,)))
+                                          stats)
             out = cuda_ops.decode_attention(q, k, v, keys, values, self.position, self.first_slot, rope.inv_freq,
                                             rope.attention_scaling, rotary_dim, self.attention_workspace,
-                                            attn.head_dim ** -0.5, layer.sliding_window or 0, o_by_merge)  # [1, H·hd]
+                                            attn.head_dim ** -0.5, layer.sliding_window or 0)  # [1, H·hd]
+            x, stats = _projection_plus(attn.o_proj, out, x, m.tp)
+            mlp = layer.mlp
             if _is_gated(mlp):
-                x, stats = _projection_plus(attn.o_proj, out, x, m.tp,
-                                            prefetch=upcoming((mlp.gate_proj, mlp.up_proj)))
-                gate, up = _normed_projections((mlp.gate_proj, mlp.up_proj), x, layer.post_attention_layernorm, stats,
-                                               upcoming((mlp.down_proj,)))
-                x, stats = _projection_plus(mlp.down_proj, up, x, m.tp, gate=gate, prefetch=upcoming(next_qkv))
+                gate, up = _normed_projections((mlp.gate_proj, mlp.up_proj), x, layer.post_attention_layernorm, stats)
+                x, stats = _projection_plus(mlp.down_proj, up, x, m.tp, gate=gate)
             else:
-                x, stats = _projection_plus(attn.o_proj, out, x, m.tp)
                 h = _rms_norm(x, layer.post_attention_layernorm, fused=True)
                 x, stats = x + m.tp.all_reduce(_routed_experts(mlp, h)), None
         return _normed_projections((m.lm_head,), x, m.norm, stats)[0].float().view(-1)     # [V]
@@ -277,33 +263,30 @@ def _routed_experts(moe, h: torch.Tensor) -> torch.Tensor:
     return (y * weights.view(-1, 1)).sum(dim=0, keepdim=True)
 
 
-def _projections(linears, h: torch.Tensor, prefetch: L2Next | None = None) -> list[torch.Tensor]:
-    """h Wᵀ for each layer: one GEMV launch where they are all quantized (shares_gemv), sending the next
-    launch's weights to L2 given prefetch; else one by one."""
-    return gemv(linears, h, prefetch=prefetch) if shares_gemv(linears) else [linear(h) for linear in linears]
+def _projections(linears, h: torch.Tensor) -> list[torch.Tensor]:
+    """h Wᵀ for each layer: one GEMV launch where they are all quantized (shares_gemv), else one by one."""
+    return gemv(linears, h) if shares_gemv(linears) else [linear(h) for linear in linears]
 
 
-def _normed_projections(linears, x: torch.Tensor, norm, stats: torch.Tensor | None,
-                        prefetch: L2Next | None = None) -> list[torch.Tensor]:
+def _normed_projections(linears, x: torch.Tensor, norm, stats: torch.Tensor | None) -> list[torch.Tensor]:
     """RMSNorm(x)·weight Wᵀ for each layer: the norm inside one GEMV launch where x's statistics came
     with it (stats) and the layers share a GEMV, else trimtab's RMSNorm kernel, then the projections."""
     if stats is not None and shares_gemv(linears):
-        return gemv(linears, x, norm=RowNorm(norm.weight, norm.eps, stats), prefetch=prefetch)
-    return _projections(linears, _rms_norm(x, norm, fused=True), prefetch)
+        return gemv(linears, x, norm=RowNorm(norm.weight, norm.eps, stats))
+    return _projections(linears, _rms_norm(x, norm, fused=True))
 
 
-def _projection_plus(linear, x: torch.Tensor, residual: torch.Tensor, tp, gate: torch.Tensor | None = None,
-                     prefetch: L2Next | None = None):
+def _projection_plus(linear, x: torch.Tensor, residual: torch.Tensor, tp, gate: torch.Tensor | None = None):
     """(residual + Σ_ranks linear(u), its statistics or None), u = x or silu(gate)·x: the activation
     inside the GEMV where the layer is quantized; where it is also whole (no all-reduce between), the
     residual add too, and the GEMV writes the sum's Σ y² per 128 columns for the next RMSNorm."""
     if not isinstance(linear, CudaPackedLinear):
         return residual + tp.all_reduce(linear(x if gate is None else F.silu(gate) * x)), None
     if tp.active:
-        return residual + tp.all_reduce(linear.gemv(x, gate=gate, prefetch=prefetch)), None
+        return residual + tp.all_reduce(linear.gemv(x, gate=gate)), None
     stats = torch.empty(statistics_shape(residual.shape[0], linear.out_features), dtype=torch.float32,
                         device=x.device)
-    return linear.gemv(x, gate=gate, residual=residual, sumsq=stats, prefetch=prefetch), stats
+    return linear.gemv(x, gate=gate, residual=residual, sumsq=stats), stats
 
 
 def _rms_norm(x: torch.Tensor, norm, fused: bool = False) -> torch.Tensor:

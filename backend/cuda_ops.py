@@ -40,7 +40,7 @@ import torch
 from .errors import TrimtabError
 from .ops import OnceBuilt, _build_root, _first_error_line, as_trimtab_error
 
-__all__ = ["available", "load_extension", "qrepack", "MAX_GEMV_LAYERS", "GemvLayer", "RowNorm", "L2Next", "qgemv",
+__all__ = ["available", "load_extension", "qrepack", "MAX_GEMV_LAYERS", "GemvLayer", "RowNorm", "qgemv",
            "qgemv_workspace", "qgemv_counters", "qdequantize_t", "multiprocessor_count", "rms_norm", "silu_mul",
            "rotary_kv", "decode_attention", "new_attention_workspace", "attention_supported"]
 
@@ -80,24 +80,8 @@ class RowNorm(NamedTuple):
     sumsq: torch.Tensor            # float32 [rows, ceil(in / 128)]: Σ x² per 128 columns
 
 
-class L2Next(NamedTuple):
-    """The GEMV launch after a kernel, whose weights that kernel sends to L2 as it ends (the GEMV) or
-    starts (decode_attention's merge): about `bytes` of the start of each of its blocks' runs."""
-    layers: list[GemvLayer]
-    target_blocks: int
-    bytes: int
-
-
-def _prefetch_args(prefetch: L2Next | None) -> tuple[list, list, list, list[int], int, int]:
-    """next_words, next_scale_min, next_meta, next_out, next_target_blocks, prefetch_bytes of an op."""
-    if prefetch is None:
-        return [], [], [], [], 0, 0
-    return (*_shapes(prefetch.layers), prefetch.target_blocks, prefetch.bytes)
-
-
 def qgemv(x, in_features: int, layers: list[GemvLayer], workspace, counters, target_blocks: int, gate=None,
-          residual=None, route=None, norm: RowNorm | None = None, sumsq=None,
-          prefetch: L2Next | None = None) -> list[torch.Tensor]:
+          residual=None, route=None, norm: RowNorm | None = None, sumsq=None) -> list[torch.Tensor]:
     """x: [batch <= 8, in] → for each layer [batch, out] in x's dtype (float16, bfloat16 or float32):
     residual + bias + u Wᵀ with u = x, or silu(gate)·x given gate (x's shape). Up to 8 layers on the
     same x run as one launch, about `target_blocks` equal blocks shared out by their sizes; a residual
@@ -105,15 +89,14 @@ def qgemv(x, in_features: int, layers: list[GemvLayer], workspace, counters, tar
     mixture of experts' choice, layers of one shape): one output [slots, out], row s from layer
     route[s] on x row s (x of `slots` rows) or on x's one row. Given norm (no gate, no route), u is
     RMSNorm(x)·norm.weight; given sumsq (float32 [batch, ceil(out / 128)], one layer), Σ y² of each
-    row's outputs per 128 columns is written there: the next norm's statistics. Given prefetch, each
-    block sends the start of the next launch's weights to L2 as it ends."""
+    row's outputs per 128 columns is written there: the next norm's statistics."""
     load_extension()
     words, scale_min, meta, xmap, bias, out, max_bits = (list(field) for field in zip(*layers))
     norm_sumsq, norm_weight, eps = (None, None, 0.0) if norm is None else (norm.sumsq, norm.weight, norm.eps)
     with _as_trimtab_error():
         return torch.ops.trimtab_cuda.qgemv(x, in_features, words, scale_min, meta, xmap, bias, out, workspace,
-                                            counters, target_blocks, max_bits, *_prefetch_args(prefetch), gate,
-                                            residual, route, norm_sumsq, norm_weight, eps, sumsq)
+                                            counters, target_blocks, max_bits, gate, residual, route, norm_sumsq,
+                                            norm_weight, eps, sumsq)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -141,17 +124,15 @@ def rotary_kv(q, k, v, keys, values, position, inv_freq, scaling: float, head_di
 
 
 def decode_attention(q, k, v, keys, values, position, first_slot, inv_freq, rotary_scaling: float, rotary_dim: int,
-                     workspace, scale: float, window: int, prefetch: L2Next | None = None):
+                     workspace, scale: float, window: int):
     """One decode token, two kernels: q [Hq·hd] and k [Hkv·hd] rotated at `position` (as rotary_kv), k and
     v written into the cache keys/values [1, Hkv, slots, hd] at slot `position`, then attention over
     slots [max(first_slot, position − window + 1), position] (window 0: none) → [Hq·hd] in q's dtype.
-    workspace: new_attention_workspace's (the splits' partial results). Given prefetch, the merge sends
-    the start of the next GEMV's weights to L2 while the attention runs."""
+    workspace: new_attention_workspace's (the splits' partial results)."""
     load_extension()
     with _as_trimtab_error():
         return torch.ops.trimtab_cuda.decode_attention(q, k, v, keys, values, position, first_slot, inv_freq,
-                                                       rotary_scaling, rotary_dim, workspace, scale, window,
-                                                       *_prefetch_args(prefetch))
+                                                       rotary_scaling, rotary_dim, workspace, scale, window)
 
 
 def new_attention_workspace(kv_heads: int, slots: int, head_dim: int, device) -> torch.Tensor:

@@ -154,35 +154,6 @@ def test_gemv_runs_layers_on_one_input_as_one_launch(blocks, batch, dtype):
 
 
 @needs_cuda
-@pytest.mark.parametrize("budget", [16, 1000, 1 << 30])
-def test_prefetching_the_next_launch_changes_no_output(budget):
-    """A GEMV or the attention's merge given the next launch to send to L2 (any budget, up to more than
-    its layers hold) writes exactly what it writes without."""
-    from trimtab.backend.quant.cuda_linear import CudaPackedLinear, gemv, l2_next
-
-    shapes = [(333, [8, 3]), (700, [4])]
-    layers = [random_layer(1000, out, widths, 64, seed=i) for i, (out, widths) in enumerate(shapes)]
-    linears = [CudaPackedLinear(layer, None, "cuda", torch.float16) for layer in layers]
-    x = torch.randn(2, 1000, device="cuda").half()
-    prefetch = l2_next(linears, budget)
-    assert prefetch is not None and l2_next(linears, 0) is None
-    for ys, plain in zip(gemv(linears, x, prefetch=prefetch), gemv(linears, x)):
-        assert torch.equal(ys, plain)
-    kv_heads, head_dim, slots, position = 2, 64, 100, 70
-    keys, values = (torch.randn(1, kv_heads, slots, head_dim, device="cuda").half() for _ in range(2))
-    q = torch.randn(4 * head_dim, device="cuda").half()
-    k, v = (torch.randn(kv_heads * head_dim, device="cuda").half() for _ in range(2))
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim)
-    where = torch.tensor([position], device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda")
-    outs = []
-    for given in (prefetch, None):
-        workspace = cuda_ops.new_attention_workspace(kv_heads, slots, head_dim, "cuda")
-        outs.append(cuda_ops.decode_attention(q, k, v, keys.clone(), values.clone(), *where, inv_freq, 1.0, head_dim,
-                                              workspace, head_dim ** -0.5, 0, given))
-    assert torch.equal(outs[0], outs[1])
-
-
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_routed_gemv_runs_the_chosen_experts(dtype):
     """A mixture of experts' GEMV: slot s runs the expert route[s] (read on the GPU) on x's one row or

@@ -28,7 +28,6 @@ GEMV_MAX_ROWS = 8           # the GEMV kernel's batch limit; above it, dequantiz
 SLICE_ELEMENTS = 64 << 20   # the largest dequantized column slice (128 MB in float16)
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 RowNorm = cuda_ops.RowNorm  # an RMSNorm inside the GEMV (gemv's norm)
-L2Next = cuda_ops.L2Next    # the next launch's weights, sent to L2 (gemv's prefetch)
 
 
 @dataclass(frozen=True)
@@ -149,13 +148,11 @@ class CudaPackedLinear(PackedLinear):
         return self.blocks_per_multiprocessor * self.multiprocessors
 
     def gemv(self, rows: torch.Tensor, gate: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-             norm: RowNorm | None = None, sumsq: torch.Tensor | None = None,
-             prefetch: L2Next | None = None) -> torch.Tensor:
+             norm: RowNorm | None = None, sumsq: torch.Tensor | None = None) -> torch.Tensor:
         """rows: [1-8, in] float16/bfloat16/float32 → [rows, out]: residual + b + u Wᵀ, where u is rows,
         silu(gate)·rows given gate (rows' shape and strides) or RMSNorm(rows)·weight given norm; Σ y² per
-        128 columns into sumsq (row_statistics' shape); the next launch's weights sent to L2 (l2_next) —
-        the decode step's fusions."""
-        return gemv([self], rows, gate, residual, norm, sumsq, prefetch)[0]
+        128 columns into sumsq (row_statistics' shape) — the decode step's fusions."""
+        return gemv([self], rows, gate, residual, norm, sumsq)[0]
 
     def dequantized_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         """rows: [n, in] → [n, out]: W's columns dequantized a slice at a time, then cuBLAS."""
@@ -222,22 +219,13 @@ def reserve_gemv(linears: Sequence[CudaPackedLinear], slots: int = 0) -> None:
     first.reserved_launches.add(key)
 
 
-def l2_next(linears: Sequence, budget: int) -> L2Next | None:
-    """What the kernel before a GEMV launch of these layers sends to L2 for it: about `budget` bytes of
-    the start of each of its blocks' runs (None: a budget of 0, or layers that do not share a GEMV)."""
-    if budget <= 0 or not shares_gemv(linears):
-        return None
-    return L2Next([la.gemv_layer for la in linears], linears[0].target_blocks(), int(budget))
-
-
 def gemv(linears: Sequence[CudaPackedLinear], rows: torch.Tensor, gate: torch.Tensor | None = None,
          residual: torch.Tensor | None = None, norm: RowNorm | None = None,
-         sumsq: torch.Tensor | None = None, prefetch: L2Next | None = None) -> list[torch.Tensor]:
+         sumsq: torch.Tensor | None = None) -> list[torch.Tensor]:
     """rows: [1-8, in] → [rows, out] for each layer (shares_gemv), one launch: residual + b + u Wᵀ with
     u = rows, silu(gate)·rows given gate (rows' shape and strides), or RMSNorm(rows)·norm.weight given
     norm (its statistics from row_statistics or a GEMV's sumsq); a residual, and sumsq (Σ y² per 128
-    columns written for the next norm, row_statistics' shape), for one layer only. Given prefetch
-    (l2_next), each block sends the start of the next launch's weights to L2 as it ends."""
+    columns written for the next norm, row_statistics' shape), for one layer only."""
     if not shares_gemv(linears):
         raise TrimtabError(f"one GEMV launch runs 1 to {cuda_ops.MAX_GEMV_LAYERS} quantized layers of one input size "
                            f"on one GPU, got {len(linears)}")
@@ -252,7 +240,7 @@ def gemv(linears: Sequence[CudaPackedLinear], rows: torch.Tensor, gate: torch.Te
                                f"dtype, got {list(norm.weight.shape)} {norm.weight.dtype}")
     if sumsq is not None:
         _check_statistics(sumsq, rows, "sumsq", linears[0].out_features)
-    return _launch(linears, rows, gate, residual, norm=norm, sumsq=sumsq, prefetch=prefetch)
+    return _launch(linears, rows, gate, residual, norm=norm, sumsq=sumsq)
 
 
 def statistics_shape(rows: int, features: int) -> tuple[int, int]:
@@ -288,10 +276,10 @@ def routed_gemv(experts: Sequence[CudaPackedLinear], rows: torch.Tensor, route: 
     return _launch(experts, rows, gate, None, route)[0]
 
 
-def _launch(linears, rows, gate, residual, route=None, norm=None, sumsq=None, prefetch=None) -> list[torch.Tensor]:
+def _launch(linears, rows, gate, residual, route=None, norm=None, sumsq=None) -> list[torch.Tensor]:
     """The checked GEMV or routed GEMV as one launch, its workspace reserved first."""
     reserve_gemv(linears, slots=0 if route is None else route.numel())
     first = linears[0]
     workspace, counters = SplitKWorkspace.tensors(first.device)
     return cuda_ops.qgemv(rows, first.in_features, [la.gemv_layer for la in linears], workspace, counters,
-                          first.target_blocks(), gate, residual, route, norm, sumsq, prefetch)
+                          first.target_blocks(), gate, residual, route, norm, sumsq)

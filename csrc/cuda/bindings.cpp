@@ -103,20 +103,6 @@ std::vector<QLayer> layers_of(at::TensorList words, at::TensorList scale_min, at
   return layers;
 }
 
-// What a kernel sends to L2 for the GEMV launch after it (next_*: that launch's layers, empty for none;
-// about `bytes` of the start of its blocks' runs, gemv_l2_prefetch), for `batch` rows.
-trimtab_cuda::L2Prefetch l2_prefetch_of(at::TensorList words, at::TensorList scale_min, at::TensorList meta,
-                                         at::IntArrayRef out, int64_t target_blocks, int64_t bytes, int batch,
-                                         const Tensor& like, const char* op) {
-  if (words.empty() || bytes <= 0) return trimtab_cuda::L2Prefetch{};
-  const std::vector<QLayer> layers = layers_of(words, scale_min, meta, nullptr, out, op);
-  for (size_t i = 0; i < words.size(); ++i)
-    TT_CHECK(words[i].device() == like.device() && scale_min[i].device() == like.device(), op,
-             "the next layers to prefetch must be on the input's device");
-  TT_CHECK(target_blocks >= 1, op, "the next launch's target_blocks must be positive, got ", target_blocks);
-  return trimtab_cuda::gemv_l2_prefetch(layers.data(), int(layers.size()), batch, int(target_blocks), bytes);
-}
-
 // x: [batch, in] (rows may be strided, columns contiguous) → for each layer y: [batch, out] in x's
 // dtype: y = residual + bias + u Wᵀ with u = x, or silu(gate)·x where gate is given (gate: x's shape
 // and strides), or RMSNorm(x)·norm_weight from x's statistics norm_sumsq (float32 [batch, ceil(in /
@@ -127,9 +113,7 @@ trimtab_cuda::L2Prefetch l2_prefetch_of(at::TensorList words, at::TensorList sca
 std::vector<Tensor> qgemv(const Tensor& x, int64_t in_features, at::TensorList words, at::TensorList scale_min,
                           at::TensorList meta, const OptionalTensors& xmap, const OptionalTensors& bias,
                           at::IntArrayRef out, Tensor workspace, Tensor counters, int64_t target_blocks,
-                          at::IntArrayRef max_bits, at::TensorList next_words, at::TensorList next_scale_min,
-                          at::TensorList next_meta, at::IntArrayRef next_out, int64_t next_target_blocks,
-                          int64_t prefetch_bytes, const c10::optional<Tensor>& gate,
+                          at::IntArrayRef max_bits, const c10::optional<Tensor>& gate,
                           const c10::optional<Tensor>& residual, const c10::optional<Tensor>& route,
                           const c10::optional<Tensor>& norm_sumsq, const c10::optional<Tensor>& norm_weight,
                           double norm_eps, const c10::optional<Tensor>& sumsq) {
@@ -203,10 +187,8 @@ std::vector<Tensor> qgemv(const Tensor& x, int64_t in_features, at::TensorList w
   const trimtab_cuda::GemvInput in{x.data_ptr(), gate.has_value() ? gate->data_ptr() : nullptr, x.stride(0), norm};
   const trimtab_cuda::GemvRoute routing{slots > 0 ? route->data_ptr<int64_t>() : nullptr, slots,
                                         batch == 1 ? 0 : x.stride(0)};
-  const trimtab_cuda::L2Prefetch next = l2_prefetch_of(next_words, next_scale_min, next_meta, next_out,
-                                                       next_target_blocks, prefetch_bytes, rows, x, op);
   check_cuda(trimtab_cuda::qgemv(in, layers.data(), outs.data(), count, rows, code, workspace.data_ptr<float>(),
-                                 counters.data_ptr<int32_t>(), target, slots > 0 ? &routing : nullptr, &next,
+                                 counters.data_ptr<int32_t>(), target, slots > 0 ? &routing : nullptr,
                                  c10::cuda::getCurrentCUDAStream()),
              op);
   return ys;
@@ -344,9 +326,7 @@ Tensor rotary_kv(const Tensor& q, const Tensor& k, const Tensor& v, Tensor keys,
 
 Tensor decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, Tensor keys, Tensor values,
                         const Tensor& position, const Tensor& first_slot, const Tensor& inv_freq, double rotary_scaling,
-                        int64_t rotary_dim, Tensor workspace, double scale, int64_t window,
-                        at::TensorList next_words, at::TensorList next_scale_min, at::TensorList next_meta,
-                        at::IntArrayRef next_out, int64_t next_target_blocks, int64_t prefetch_bytes) {
+                        int64_t rotary_dim, Tensor workspace, double scale, int64_t window) {
   const char* op = "decode_attention";
   c10::cuda::CUDAGuard guard(q.device());
   const int code = dtype_code(q, op);
@@ -376,9 +356,7 @@ Tensor decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, Tenso
                                 out.data_ptr(), position.data_ptr<int64_t>(), first_slot.data_ptr<int64_t>(),
                                 inv_freq.data_ptr<float>(), float(rotary_scaling), int(rotary_dim),
                                 workspace.data_ptr<float>(), float(scale), int(kv_heads), int(group), int(head_dim),
-                                int(slots), window, keys.stride(1), keys.stride(2),
-                                l2_prefetch_of(next_words, next_scale_min, next_meta, next_out, next_target_blocks,
-                                               prefetch_bytes, 1, q, op)};
+                                int(slots), window, keys.stride(1), keys.stride(2)};
   check_cuda(trimtab_cuda::decode_attention(a, code, c10::cuda::getCurrentCUDAStream()), op);
   return out;
 }
@@ -396,10 +374,8 @@ bool attention_supported(int64_t head_dim, int64_t group) {
 TORCH_LIBRARY(trimtab_cuda, m) {
   m.def("qgemv(Tensor x, int in_features, Tensor[] words, Tensor[] scale_min, Tensor[] meta, Tensor?[] xmap, "
         "Tensor?[] bias, int[] out, Tensor(a!) workspace, Tensor(b!) counters, int target_blocks, int[] max_bits, "
-        "Tensor[] next_words, Tensor[] next_scale_min, Tensor[] next_meta, int[] next_out, int next_target_blocks, "
-        "int prefetch_bytes, Tensor? gate=None, Tensor? residual=None, Tensor? route=None, "
-        "Tensor? norm_sumsq=None, Tensor? norm_weight=None, float norm_eps=0.0, Tensor? sumsq=None) -> Tensor[]",
-        &qgemv);
+        "Tensor? gate=None, Tensor? residual=None, Tensor? route=None, Tensor? norm_sumsq=None, "
+        "Tensor? norm_weight=None, float norm_eps=0.0, Tensor? sumsq=None) -> Tensor[]", &qgemv);
   m.def("qgemv_workspace(Tensor[] words, Tensor[] scale_min, Tensor[] meta, int[] out, int batch, "
         "int target_blocks, int slots=0) -> int", &qgemv_workspace);
   m.def("multiprocessor_count(Tensor on) -> int", &multiprocessor_count);
@@ -414,8 +390,7 @@ TORCH_LIBRARY(trimtab_cuda, m) {
         "Tensor inv_freq, float scaling, int head_dim, int rotary_dim) -> Tensor", &rotary_kv);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor position, "
         "Tensor first_slot, Tensor inv_freq, float rotary_scaling, int rotary_dim, Tensor(c!) workspace, "
-        "float scale, int window, Tensor[] next_words, Tensor[] next_scale_min, Tensor[] next_meta, int[] next_out, "
-        "int next_target_blocks, int prefetch_bytes) -> Tensor", &decode_attention);
+        "float scale, int window) -> Tensor", &decode_attention);
   m.def("attention_workspace(int kv_heads, int slots, int head_dim) -> int", &attention_workspace);
   m.def("attention_supported(int head_dim, int group) -> bool", &attention_supported);
 }

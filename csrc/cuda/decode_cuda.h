@@ -5,8 +5,6 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "l2_prefetch.h"
-
 namespace trimtab_cuda {
 
 // y[r] = weight · round(x[r] / rms(x[r])) for rows r < rows of `dim` contiguous elements.
@@ -52,7 +50,6 @@ struct AttentionArgs {
   int kv_heads, group, head_dim, max_slots;
   int64_t window;          // sliding window, 0 for none
   int64_t head_stride, slot_stride;
-  L2Prefetch next;         // the next GEMV's first chunks, sent to L2 by the merge as it starts
 };
 
 int attention_splits(int max_slots);

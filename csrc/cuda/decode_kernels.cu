@@ -351,7 +351,7 @@ struct SplitWork {
 };
 
 template <typename T, int HD>
-__global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const __grid_constant__ AttentionArgs a) {
+__global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttentionArgs a) {
   allow_next_kernel();  // the o GEMV after this may start streaming its weights
   using Work = SplitWork<T, HD>;
   constexpr int E = Work::E, kSlotGroups = Work::kSlotGroups, kValueLoads = Work::kValueLoads;
@@ -449,9 +449,8 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const __
 // out = Σ_s o_s·e^(m_s − m) / Σ_s l_s·e^(m_s − m) over the splits, one thread per (query head, dim),
 // online over batches of kMergeSplits splits whose loads all go out together.
 template <typename T, int HD>
-__global__ void __launch_bounds__(HD) attention_merge_kernel(const __grid_constant__ AttentionArgs a) {
+__global__ void __launch_bounds__(HD) attention_merge_kernel(AttentionArgs a) {
   allow_next_kernel();  // the o GEMV after this may start streaming its weights
-  prefetch_share(a.next, blockIdx.x * HD + threadIdx.x, gridDim.x * HD);  // while the attention runs
   constexpr int kStride = partial_floats(HD);
   const int head = blockIdx.x, d = threadIdx.x;
   const int kv = head / a.group, g = head % a.group;

@@ -51,7 +51,6 @@ struct GemvGroup {  // a launch: layer i takes blocks [first_block[i], first_blo
   const int64_t* route;     // nullptr, or [slots]: slot s (blocks [s, s + 1) · slot_blocks) runs layer
   int slot_blocks;          // route[s] on x row s (x_slot_bytes apart, 0: one x) into output row s
   int64_t x_slot_bytes, y_slot_bytes;
-  L2Prefetch next;          // the next GEMV's first chunks, sent to L2 by each block as it ends
 };
 
 __host__ __device__ constexpr int align16(int bytes) { return (bytes + 15) / 16 * 16; }
@@ -389,6 +388,25 @@ __device__ __forceinline__ void for_tile_outputs(int tile, F&& f) {
   }
 }
 
+// What the output adds (bias + residual) at this thread's outputs of the block's first and last tile,
+// loaded as x's loads are, before the ring's requests (the residual comes from the kernel before): the
+// tiles' ends then wait for no load of their own (the residual cost 14336×4096 0.45 µs when loaded there).
+template <typename T, int NB>
+struct Addends {
+  float v[kPartialSlots][kTileSteps<NB>];
+  __device__ __forceinline__ void load(const GemvArgs& a, const Block& blk) {
+#pragma unroll
+    for (int p = 0; p < kPartialSlots; ++p)
+      for_tile_outputs<NB>(p == 0 ? blk.first_tile : blk.last_tile, [&](int k, int b, int c, int col) {
+        v[p][k] = col < a.layer.out ? epilogue_addend<T>(a, b, col) : 0.0f;
+      });
+  }
+  // output (b, col) at step k of `tile`: a tile between the first and the last loads its own
+  __device__ __forceinline__ float at(const GemvArgs& a, const Block& blk, int tile, int k, int b, int col) const {
+    return tile == blk.first_tile ? v[0][k] : tile == blk.last_tile ? v[1][k] : epilogue_addend<T>(a, b, col);
+  }
+};
+
 // y[b, col] = v rounded to T; → the stored value squared (the next RMSNorm's statistics)
 template <typename T>
 __device__ __forceinline__ float store_output(const GemvArgs& a, int b, int col, float v) {
@@ -419,7 +437,8 @@ __device__ void store_tile_sumsq(const GemvArgs& a, int tile, const float (&sq)[
 // The warps' sums for `tile` → y (a tile held whole), or this block's partial sums into its workspace
 // slot (a tile shared with other blocks, settled when the block's run ends: settle_shared_tiles).
 template <typename T, int NB>
-__device__ void finish_tile(const GemvArgs& a, const Block& blk, int tile, const float (&acc)[NB][4], float* red) {
+__device__ void finish_tile(const GemvArgs& a, const Block& blk, int tile, const float (&acc)[NB][4], float* red,
+                            const Addends<T, NB>& addends) {
   const QLayer& L = a.layer;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
@@ -437,7 +456,7 @@ __device__ void finish_tile(const GemvArgs& a, const Block& blk, int tile, const
     if (!whole)
       a.workspace[((size_t(blk.index) * kPartialSlots + part) * NB + b) * kWarpCols + c] = s;
     else if (col < L.out)
-      sq[k] = store_output<T>(a, b, col, s + epilogue_addend<T>(a, b, col));
+      sq[k] = store_output<T>(a, b, col, s + addends.at(a, blk, tile, k, b, col));
   });
   __syncthreads();  // red is free again
   if (whole && a.out.sumsq != nullptr) store_tile_sumsq<NB>(a, tile, sq);
@@ -461,16 +480,28 @@ __device__ __forceinline__ int last_block_of(const GemvArgs& a, int tile) {
 
 // The last block to finish a shared tile: every sharing block's partial sums, in block order
 // (deterministic), + bias + residual → y; the tile's counter reset for the next call (graph replay).
+// The partial sums are loaded kPartialBatch at a time (one memory latency for up to 16 blocks: a loop
+// of one load and one add each went out a few loads at a time).
+constexpr int kPartialBatch = 16;
 template <typename T, int NB>
-__device__ void add_partials(const GemvArgs& a, int tile) {
-  const int chunks = a.layer.chunks, first = first_block_of(a, tile), last = last_block_of(a, tile);
+__device__ void add_partials(const GemvArgs& a, const Block& blk, int tile, const Addends<T, NB>& addends) {
+  const int first = first_block_of(a, tile), last = last_block_of(a, tile);
+  // the blocks after the first start inside the tile (their slot 0); the first holds it in slot 1 unless
+  // it starts where the tile does
+  const int first_part = int64_t(first) * a.items_per_block < int64_t(tile) * a.layer.chunks ? 1 : 0;
   float sq[kTileSteps<NB>] = {};
   for_tile_outputs<NB>(tile, [&](int k, int b, int c, int col) {
     if (col >= a.layer.out) return;
-    float s = epilogue_addend<T>(a, b, col);
-    for (int j = first; j <= last; ++j) {
-      const int j_part = tile == j * a.items_per_block / chunks ? 0 : 1;
-      s += __ldcg(a.workspace + ((size_t(j) * kPartialSlots + j_part) * NB + b) * kWarpCols + c);
+    float s = addends.at(a, blk, tile, k, b, col);
+    for (int j0 = first; j0 <= last; j0 += kPartialBatch) {
+      float p[kPartialBatch];
+#pragma unroll
+      for (int u = 0; u < kPartialBatch; ++u) {
+        const int j = j0 + u, part = j == first ? first_part : 0;
+        p[u] = j <= last ? __ldcg(a.workspace + ((size_t(j) * kPartialSlots + part) * NB + b) * kWarpCols + c) : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < kPartialBatch; ++u) s += p[u];  // + 0 past the last: the same sum
     }
     sq[k] = store_output<T>(a, b, col, s);
   });
@@ -482,7 +513,7 @@ __device__ void add_partials(const GemvArgs& a, int tile) {
 // both partial sums, both counted at once (two warps), so that a run's two shared tiles cost one
 // round of global memory trips at its end instead of one each, the first in the middle of the run.
 template <typename T, int NB>
-__device__ void settle_shared_tiles(const GemvArgs& a, const Block& blk) {
+__device__ void settle_shared_tiles(const GemvArgs& a, const Block& blk, const Addends<T, NB>& addends) {
   __shared__ int is_last[kPartialSlots];
   const int chunks = a.layer.chunks;
   __syncthreads();  // every thread's partial sums are written before a count releases them
@@ -493,9 +524,9 @@ __device__ void settle_shared_tiles(const GemvArgs& a, const Block& blk) {
   }
   __syncthreads();  // the last count acquired every block's partial sums for the whole block
   if (!is_last[0] && !is_last[1]) return;
-  if (is_last[0]) add_partials<T, NB>(a, blk.first_tile);
+  if (is_last[0]) add_partials<T, NB>(a, blk, blk.first_tile, addends);
   if (is_last[0] && is_last[1]) __syncthreads();  // store_tile_sumsq's shared memory is free again
-  if (is_last[1]) add_partials<T, NB>(a, blk.last_tile);
+  if (is_last[1]) add_partials<T, NB>(a, blk, blk.last_tile, addends);
 }
 
 // The arguments of the layer this block works for, and its index among that layer's blocks. A routed
@@ -564,7 +595,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerMultiprocessor<NB>)
   request_slots(0, 1);
   grid_dependency_wait();
   // the other slots go in flight behind x's loads, so that x does not wait for them
-  stage_x<T, NB>(a, blk.first_chunk, xs, [&] { request_slots(1, a.stages); });
+  Addends<T, NB> addends;
+  stage_x<T, NB>(a, blk.first_chunk, xs, [&] {
+    addends.load(a, blk);
+    request_slots(1, a.stages);
+  });
   __syncthreads();
 
   // 4. tile by tile: compute the oldest chunk in flight, then request the next into its slot
@@ -589,13 +624,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerMultiprocessor<NB>)
       cp_async_commit();
       ring_slot = ring_slot + 1 == a.stages ? 0 : ring_slot + 1;
     }
-    finish_tile<T, NB>(a, blk, tile, acc, red);
+    finish_tile<T, NB>(a, blk, tile, acc, red, addends);
   }
-  // every chunk of the block is in flight or here: while the blocks meet over shared tiles and the next
-  // kernel starts, DRAM streams that kernel's first chunks into L2
-  prefetch_share(group.next, blockIdx.x * kThreads + threadIdx.x, gridDim.x * kThreads);
   asm volatile("cp.async.wait_all;");
-  settle_shared_tiles<T, NB>(a, blk);
+  settle_shared_tiles<T, NB>(a, blk, addends);
 }
 
 int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
@@ -684,31 +716,6 @@ void plan_layers(const QLayer* layers, int count, int batch, int target_blocks, 
 
 }  // namespace
 
-L2Prefetch gemv_l2_prefetch(const QLayer* layers, int count, int batch, int target_blocks, int64_t budget) {
-  L2Prefetch p{};
-  if (count < 1 || count > kMaxGemvLayers || batch < 1 || batch > kMaxBatchRows || budget <= 0) return p;
-  GemvPlan plans[kMaxGemvLayers];
-  plan_layers(layers, count, batch, target_blocks, 0, plans);
-  const auto words_bytes = [](const QLayer& L) { return int64_t(tiles_of(L)) * L.word_rows * kWarpCols * 4; };
-  const auto scale_bytes = [](const QLayer& L) { return int64_t(tiles_of(L)) * L.groups * kWarpCols * 4; };
-  int64_t total = 0;
-  for (int i = 0; i < count; ++i) total += words_bytes(layers[i]) + scale_bytes(layers[i]);
-  const double share = std::min(1.0, double(budget) / double(total));
-  for (int i = 0; i < count; ++i) {
-    const GemvPlan& plan = plans[i];
-    const int64_t items = items_of(layers[i]);
-    const auto add = [&](const void* base, int64_t bytes) {  // block b's run starts about b·stride in
-      const int64_t stride = bytes * plan.items_per_block / items / 16 * 16;
-      const int64_t last = bytes - (plan.grid - 1) * stride;  // the last block's run is the shortest
-      const int64_t piece = std::min({stride, last, int64_t(share * double(stride))}) / 16 * 16;
-      if (piece >= 16) p.parts[p.count++] = L2Run{static_cast<const char*>(base), stride, int32_t(piece), plan.grid};
-    };
-    add(layers[i].words, words_bytes(layers[i]));
-    add(layers[i].scale_min, scale_bytes(layers[i]));
-  }
-  return p;
-}
-
 int64_t qgemv_workspace_floats(const QLayer* layers, int count, int batch, int target_blocks, int slots) {
   GemvPlan plans[kMaxGemvLayers];
   plan_layers(layers, count, batch, target_blocks, slots, plans);
@@ -724,8 +731,7 @@ int qgemv_counters(const QLayer* layers, int count, int slots) {
 }
 
 cudaError_t qgemv(const GemvInput& in, const QLayer* layers, const GemvOutput* outs, int count, int batch, int dtype,
-                  float* workspace, int* counters, int target_blocks, const GemvRoute* route, const L2Prefetch* next,
-                  cudaStream_t stream) {
+                  float* workspace, int* counters, int target_blocks, const GemvRoute* route, cudaStream_t stream) {
   if (batch < 1 || batch > kMaxBatchRows || count < 1 || count > kMaxGemvLayers) return cudaErrorInvalidValue;
   const int slots = route ? route->slots : 0;
   if (route && (batch != 1 || slots < 1 || in.norm.sumsq != nullptr)) return cudaErrorInvalidValue;
@@ -753,7 +759,6 @@ cudaError_t qgemv(const GemvInput& in, const QLayer* layers, const GemvOutput* o
   }
   g.first_block[count] = launch.grid;
   g.count = count;
-  if (next != nullptr) g.next = *next;
   if (route) {
     const int64_t element = dtype == 2 ? 4 : 2;
     g.route = route->experts;

@@ -5,8 +5,6 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "l2_prefetch.h"
-
 namespace trimtab_cuda {
 
 constexpr int kMaxBatchRows = 8;  // the GEMV's largest batch
@@ -71,17 +69,9 @@ struct GemvRoute {
 
 // For 1 <= batch <= 8 and 1 <= count <= kMaxGemvLayers layers of the same input size; route: nullptr,
 // or a mixture's slots (layers of one shape). workspace: qgemv_workspace_floats floats; counters:
-// qgemv_counters ints, zero (left zero). next: nullptr, or what each block sends to L2 as it ends (the
-// next GEMV's first chunks: gemv_l2_prefetch).
+// qgemv_counters ints, zero (left zero).
 cudaError_t qgemv(const GemvInput& in, const QLayer* layers, const GemvOutput* outs, int count, int batch, int dtype,
-                  float* workspace, int* counters, int target_blocks, const GemvRoute* route, const L2Prefetch* next,
-                  cudaStream_t stream);
-
-// What a kernel before a GEMV launch of these layers (batch rows, about target_blocks blocks) sends to
-// L2 for it: about `budget` bytes, the same share of the start of every block's run of words and of
-// scales (a block's run is one stretch of each: items are stored in order), so that every block's
-// first chunks are in L2 when it starts.
-L2Prefetch gemv_l2_prefetch(const QLayer* layers, int count, int batch, int target_blocks, int64_t budget);
+                  float* workspace, int* counters, int target_blocks, const GemvRoute* route, cudaStream_t stream);
 
 // Wt[r, c - col_begin] = W[c, r] for columns [col_begin, col_end) (multiples of 4 except col_end
 // may be out), rows in the original input order: Wt is [in, ldw], activations' dtype.
