@@ -76,15 +76,26 @@ struct SharedLayout {
   __host__ __device__ static constexpr int slot_bytes(int max_bits) { return (max_bits + 1) * 32 * 16; }
 };
 
-__device__ __forceinline__ void cp_async16(void* shared, const void* global) {
+// The weights are read once a token and are most of what goes through L2: they are marked to go first,
+// so that what is read again stays (each layer's chunk metadata, which every block reads before its first
+// request; the activations, the KV cache)
+__device__ __forceinline__ uint64_t evict_first() {
+  uint64_t policy;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ void cp_async16(void* shared, const void* global, uint64_t policy) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(global) : "memory");
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(s), "l"(global), "l"(policy)
+               : "memory");
 }
 // Row K of a chunk's words: 512 bytes (32 lanes × 16) past row 0 both in the layer and in the ring; the
 // offset is an immediate, so that a request computes one address in each space.
 template <int K>
-__device__ __forceinline__ void cp_async16_row(unsigned shared, const void* global) {
-  asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%2], 16;" ::"r"(shared), "l"(global), "n"(K * 512) : "memory");
+__device__ __forceinline__ void cp_async16_row(unsigned shared, const void* global, uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0+%2], [%1+%2], 16, %3;" ::"r"(shared), "l"(global),
+               "n"(K * 512), "l"(policy)
+               : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 // wait until at most `pending` (stages - 1) groups are pending (uniform: no divergence)
@@ -357,12 +368,13 @@ __device__ __forceinline__ void request_item(const GemvArgs& a, const Block& blk
   const uint4* words = reinterpret_cast<const uint4*>(L.words) + tile_major4(L.word_rows, m.x, col4);
   const int bits = min(m.y, a.out.max_bits);
   const unsigned shared = static_cast<unsigned>(__cvta_generic_to_shared(ring));
+  const uint64_t policy = evict_first();
   static_for<8>([&](auto k) {  // a chunk's rows are contiguous; 2 to 8 of them
     constexpr int row = decltype(k)::value;
-    if (row < kMinBits || row < bits) cp_async16_row<row>(shared, words);
+    if (row < kMinBits || row < bits) cp_async16_row<row>(shared, words, policy);
   });
   const uint4* scales = reinterpret_cast<const uint4*>(L.scale_min) + tile_major4(L.groups, m.z, col4);
-  cp_async16(ring + a.out.max_bits * 32, scales);
+  cp_async16(ring + a.out.max_bits * 32, scales, policy);
 }
 
 // What the output adds to x Wᵀ: the bias and the residual (either may be absent).
