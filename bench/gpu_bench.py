@@ -669,12 +669,16 @@ def report(path: Path) -> None:
     exl_note = ("ExLlamaV2's kernel and end to end were measured in the same run (its PyPI wheel, JIT-built there)."
                 if any("exllamav2_us" in s for s in r.get("shapes", {}).values()) else
                 "ExLlamaV2 was not measured in this run (its JIT build had not finished).")
+    if r.get("provenance"):  # parts merged from runs of bench/gpu_bench.py --parts (each a list item)
+        runs = ("Its figures come from these runs of `bench/gpu_bench.py` on that card: "
+                + "; ".join(r["provenance"]) + ".")
+    else:
+        runs = (f"Every figure below (the mixture of experts' apart, which names its run) was measured on it in one "
+                f"run of `bench/gpu_bench.py` on {r.get('date')}.")
     body = (
-        f"Card: **{r.get('card')}** (torch {r.get('torch')}); every figure below (the mixture of experts' apart, "
-        f"which names its run) was measured on it in one run of "
-        f"`bench/gpu_bench.py` on {r.get('date')} and is rendered here from `bench/results/gpu.json` by "
-        "`bench/gpu_bench.py --report` (the machine line above names where the report was rendered, not the card). "
-        f"{exl_note}\n\n"
+        f"Card: **{r.get('card')}** (torch {r.get('torch')}). {runs} They are rendered here from "
+        "`bench/results/gpu.json` by `bench/gpu_bench.py --report` (the machine line above names where the report "
+        f"was rendered, not the card). {exl_note}\n\n"
         f"Copy bandwidth (read + write): {copy:.2f} TB/s. GEMV, batch 1, float16 activations, µs per call, every "
         "engine timed the same way (a CUDA graph of 100 calls rotating over 8 weight copies so that L2 cannot help, "
         "median of 5); shapes in×out. trimtab at 4.0 bpw counts every stored bit (a quarter of the groups 3-bit, "
