@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 
 from .errors import TrimtabError
-from .ops import OnceBuilt, _build_root, _first_error_line, as_trimtab_error
+from .ops import OnceBuilt, _build_root, _first_error_line, as_trimtab_error, exclusive_build
 
 __all__ = ["available", "load_extension", "qrepack", "MAX_GEMV_LAYERS", "GemvLayer", "RowNorm", "qgemv",
            "qgemv_workspace", "qgemv_counters", "qdequantize_t", "multiprocessor_count", "rms_norm", "silu_mul",
@@ -210,9 +210,10 @@ def _build_and_load() -> Path:
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name=name, sources=[str(s) for s in sources if s.suffix in (".cu", ".cpp")],
-                           extra_cflags=["-O3"], extra_cuda_cflags=cuda_flags,
-                           build_directory=str(build_dir), is_python_module=False, verbose=False)
+        with exclusive_build(build_dir):
+            cpp_extension.load(name=name, sources=[str(s) for s in sources if s.suffix in (".cu", ".cpp")],
+                               extra_cflags=["-O3"], extra_cuda_cflags=cuda_flags,
+                               build_directory=str(build_dir), is_python_module=False, verbose=False)
     except Exception as exc:
         log = build_dir / "build.log"
         with contextlib.suppress(OSError):

@@ -182,15 +182,16 @@ def _build_and_load() -> Path:
     try:
         from torch.utils import cpp_extension  # imports setuptools (~0.25 s): only when building
 
-        cpp_extension.load(
-            name=name,
-            sources=[str(s) for s in sources if s.suffix == ".cpp"],
-            extra_cflags=cflags,
-            extra_ldflags=ldflags,
-            build_directory=str(build_dir),
-            is_python_module=False,  # the library only registers torch.ops.trimtab.*
-            verbose=False,
-        )
+        with exclusive_build(build_dir):
+            cpp_extension.load(
+                name=name,
+                sources=[str(s) for s in sources if s.suffix == ".cpp"],
+                extra_cflags=cflags,
+                extra_ldflags=ldflags,
+                build_directory=str(build_dir),
+                is_python_module=False,  # the library only registers torch.ops.trimtab.*
+                verbose=False,
+            )
     except Exception as exc:  # compile, link or load: torch's message carries the compiler output
         raise _build_failure(exc, build_dir) from exc
     if first_build:
@@ -269,6 +270,29 @@ def _build_root() -> Path:
     from torch import _appdirs
 
     return Path(os.path.realpath(_appdirs.user_cache_dir(appname="torch_extensions")))
+
+
+@contextlib.contextmanager
+def exclusive_build(build_dir: Path):
+    """Build in build_dir while holding an OS lock on build_dir/trimtab.lock, which the OS releases if
+    the process dies. torch's own `lock` file stays behind when a build is killed (Ctrl-C, a timeout),
+    and every later build would wait for it forever; under the OS lock no other trimtab build can be
+    running, so a `lock` file found there is such a leftover and is removed."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's lock alone
+        yield
+        return
+    with open(build_dir / "trimtab.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # another process building this: wait for it
+        try:
+            leftover = build_dir / "lock"
+            if leftover.exists():
+                print(f"trimtab: removing {leftover}, left by an interrupted build", file=sys.stderr, flush=True)
+                leftover.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _check_build_tools() -> None:

@@ -260,3 +260,29 @@ def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))  # also changes the build's name
     with pytest.raises(TrimtabError, match="needs a C\\+\\+ compiler.*no-such-c\\+\\+"):
         ops._build_and_load()
+
+
+def test_exclusive_build_removes_an_interrupted_builds_lock(tmp_path, capsys):
+    (tmp_path / "lock").write_text("")       # what torch leaves when a build is killed
+    with ops.exclusive_build(tmp_path):
+        assert not (tmp_path / "lock").exists()
+    assert "interrupted build" in capsys.readouterr().err
+    with ops.exclusive_build(tmp_path):      # nothing left over: nothing said
+        pass
+    assert capsys.readouterr().err == ""
+
+
+def test_a_killed_builds_lock_does_not_hang_the_next_load():
+    """torch waits forever on a `lock` file left in the build folder; the next process must load instead."""
+    import subprocess
+    import sys
+
+    build_dir = ops.load_extension().parent
+    (build_dir / "lock").write_text("")
+    try:
+        done = subprocess.run([sys.executable, "-c", "from trimtab.backend import ops; print(ops.load_extension())"],
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        (build_dir / "lock").unlink(missing_ok=True)
+    assert done.returncode == 0, done.stderr
+    assert "interrupted build" in done.stderr
