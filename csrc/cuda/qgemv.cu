@@ -150,8 +150,8 @@ __device__ __forceinline__ void finish_chunk_x(const GemvArgs& a, const float (&
 }
 
 // Each row's partial sums of squares (RowNorm.sumsq), this lane's parts i = lane, lane + 32, ...: the
-// first kEarlyParts of them loaded as x's are, before the ring's requests (behind which they would
-// queue: 2.0-2.7 µs of the q/k/v and gate/up GEMVs, H100), the rest (rows over 16,384 wide) when summed.
+// first kEarlyParts of them loaded as x's are, before the ring's requests (queued behind those, they made
+// the norm cost the q/k/v launch 2.7 µs instead of 0.7, H100), the rest (rows over 16,384 wide) when summed.
 constexpr int kEarlyParts = 4;
 template <int NB>
 struct RowSquares {
@@ -401,8 +401,8 @@ __device__ __forceinline__ void for_tile_outputs(int tile, F&& f) {
 }
 
 // What the output adds (bias + residual) at this thread's outputs of the block's first and last tile,
-// loaded as x's loads are, before the ring's requests (the residual comes from the kernel before): the
-// tiles' ends then wait for no load of their own (the residual cost 14336×4096 0.45 µs when loaded there).
+// loaded as x's loads are, before the ring's requests (the residual comes from the kernel before), so that
+// the tiles' ends wait for no load of their own.
 template <typename T, int NB>
 struct Addends {
   float v[kPartialSlots][kTileSteps<NB>];
