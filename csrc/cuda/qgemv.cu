@@ -119,23 +119,40 @@ struct StagedX {  // views of the block's shared memory
                   // scale · hi (1); qsum the sum of those integers over the chunk
 };
 
-// x rows of `chunk` as this lane's values (0 in padding), and what they are finished with
-// (finish_chunk_x): the gate's values, or the norm's weight
+// x rows of `chunk` at this lane's row, as loaded, and what they are finished with (finish_chunk_x): the
+// gate's values, or the norm's weight. Every load goes out whatever the row (padding reads row 0), and
+// values() turns them into floats (0 in padding) later: a load under `row is real`, with its conversion
+// inside the branch, waited for its data before the next load went out, so staging took one memory
+// latency per chunk and input rather than one in all (the SASS of 4f61cd5: 8-16 loads a warp in turn).
 template <typename T, int NB>
-__device__ __forceinline__ void load_chunk_x(const GemvArgs& a, int chunk, float (&v)[NB], float (&with)[NB]) {
-  const int row = chunk * kChunkRows + threadIdx.x % 32;
-  const int src = a.layer.xmap ? __ldg(a.layer.xmap + row) : row;
-  const T* x = static_cast<const T*>(a.in.x);
+struct RawChunkX {
+  T x[NB], with[NB];
+  bool real;  // not a padding row
+  __device__ __forceinline__ void load(const GemvArgs& a, int chunk) {
+    const int row = chunk * kChunkRows + threadIdx.x % 32;
+    const int src = a.layer.xmap ? __ldg(a.layer.xmap + row) : row;
+    real = src >= 0;
+    const int at = real ? src : 0;
+    const T* xs = static_cast<const T*>(a.in.x);
 #pragma unroll
-  for (int b = 0; b < NB; ++b) v[b] = src >= 0 ? Io<T>::load(x[b * a.in.ldx + src]) : 0.0f;
-  if (a.in.gate != nullptr) {
-    const T* gate = static_cast<const T*>(a.in.gate);
+    for (int b = 0; b < NB; ++b) x[b] = xs[b * a.in.ldx + at];
+    if (a.in.gate != nullptr) {
+      const T* gate = static_cast<const T*>(a.in.gate);
 #pragma unroll
-    for (int b = 0; b < NB; ++b) with[b] = src >= 0 ? Io<T>::load(gate[b * a.in.ldx + src]) : 0.0f;
-  } else if (a.in.norm.sumsq != nullptr) {
-    with[0] = src >= 0 ? Io<T>::load(static_cast<const T*>(a.in.norm.weight)[src]) : 0.0f;
+      for (int b = 0; b < NB; ++b) with[b] = gate[b * a.in.ldx + at];
+    } else if (a.in.norm.sumsq != nullptr) {
+      with[0] = static_cast<const T*>(a.in.norm.weight)[at];
+    }
   }
-}
+  __device__ __forceinline__ void values(const GemvArgs& a, float (&v)[NB], float (&w)[NB]) const {
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      v[b] = real ? Io<T>::load(x[b]) : 0.0f;
+      if (a.in.gate != nullptr) w[b] = real ? Io<T>::load(with[b]) : 0.0f;
+    }
+    if (a.in.gate == nullptr && a.in.norm.sumsq != nullptr) w[0] = real ? Io<T>::load(with[0]) : 0.0f;
+  }
+};
 
 // The input the layer multiplies: the gated MLP's silu(gate)·up, or RMSNorm(x)·weight (inv_rms: each
 // row's 1 / rms), rounded as the unfused ops round them; else x.
@@ -217,12 +234,11 @@ __device__ void stage_x(const GemvArgs& a, int first, const StagedX& xs, F&& whi
 #pragma unroll
   for (int b = 0; b < NB; ++b) inv_rms[b] = 1.0f;
   for (int s0 = warp; s0 < a.x_slots; s0 += passes * kWarps) {
-    float v[passes][NB], with[passes][NB];
+    RawChunkX<T, NB> raw[passes];
 #pragma unroll
-    for (int p = 0; p < passes; ++p) {
-      const int s = s0 + p * kWarps, chunk = first + s;  // first < chunks, s < x_slots <= chunks
-      if (s >= a.x_slots) break;
-      load_chunk_x<T, NB>(a, chunk < chunks ? chunk : chunk - chunks, v[p], with[p]);
+    for (int p = 0; p < passes; ++p) {  // slots past the last load the last again (no branch: loads go out together)
+      const int s = min(s0 + p * kWarps, a.x_slots - 1), chunk = first + s;  // first < chunks, s < x_slots <= chunks
+      raw[p].load(a, chunk < chunks ? chunk : chunk - chunks);
     }
     if (s0 == warp) {
       RowSquares<NB> squares;
@@ -233,8 +249,10 @@ __device__ void stage_x(const GemvArgs& a, int first, const StagedX& xs, F&& whi
 #pragma unroll
     for (int p = 0; p < passes; ++p) {
       if (s0 + p * kWarps >= a.x_slots) break;
-      finish_chunk_x<T, NB>(a, with[p], inv_rms, v[p]);
-      store_chunk_x<NB>(v[p], s0 + p * kWarps, a.x_slots, xs);
+      float v[NB], with[NB];
+      raw[p].values(a, v, with);
+      finish_chunk_x<T, NB>(a, with, inv_rms, v);
+      store_chunk_x<NB>(v, s0 + p * kWarps, a.x_slots, xs);
     }
   }
   if (warp >= a.x_slots) while_loads_fly();  // a warp without slots
@@ -402,20 +420,27 @@ __device__ __forceinline__ void for_tile_outputs(int tile, F&& f) {
 
 // What the output adds (bias + residual) at this thread's outputs of the block's first and last tile,
 // loaded as x's loads are, before the ring's requests (the residual comes from the kernel before), so that
-// the tiles' ends wait for no load of their own.
+// the tiles' ends wait for no load of their own. Kept as loaded and added up at the tile's end: converted
+// here, each load would be waited for before the ring's requests went out.
 template <typename T, int NB>
 struct Addends {
-  float v[kPartialSlots][kTileSteps<NB>];
+  float bias[kPartialSlots][kTileSteps<NB>];
+  T residual[kPartialSlots][kTileSteps<NB>];
   __device__ __forceinline__ void load(const GemvArgs& a, const Block& blk) {
 #pragma unroll
     for (int p = 0; p < kPartialSlots; ++p)
       for_tile_outputs<NB>(p == 0 ? blk.first_tile : blk.last_tile, [&](int k, int b, int c, int col) {
-        v[p][k] = col < a.layer.out ? epilogue_addend<T>(a, b, col) : 0.0f;
+        const int at = col < a.layer.out ? col : 0;  // past the layer's outputs: column 0, never used
+        bias[p][k] = a.out.bias ? a.out.bias[at] : 0.0f;
+        if (a.out.residual) residual[p][k] = static_cast<const T*>(a.out.residual)[b * a.out.ldy + at];
       });
   }
-  // output (b, col) at step k of `tile`: a tile between the first and the last loads its own
+  // epilogue_addend(a, b, col) at step k of `tile`: a tile between the first and the last loads its own
   __device__ __forceinline__ float at(const GemvArgs& a, const Block& blk, int tile, int k, int b, int col) const {
-    return tile == blk.first_tile ? v[0][k] : tile == blk.last_tile ? v[1][k] : epilogue_addend<T>(a, b, col);
+    if (tile != blk.first_tile && tile != blk.last_tile) return epilogue_addend<T>(a, b, col);
+    const bool first = tile == blk.first_tile;  // selects, not an index: the arrays stay in registers
+    const float added = first ? bias[0][k] : bias[1][k];
+    return a.out.residual ? added + Io<T>::load(first ? residual[0][k] : residual[1][k]) : added;
   }
 };
 
