@@ -217,14 +217,18 @@ struct Vec16 {  // 16 bytes of T, as floats
 
 // This token's rows a thread rotates, dims d_j = (tid + kAttnThreads·j) mod HD: the angles before the
 // grid wait (they need only the position), then every load of q (the kv head's G query heads) and,
-// in the block holding the token's slot, of k and v at once: one memory latency.
+// in the block holding the token's slot, of k and v at once: one memory latency. The rotary partners are
+// loaded for every dim (rotary_partner stays inside the head; rotated() ignores it where a dim does not
+// rotate): loaded only where it rotates, each partner load sat in a branch with its conversion and was
+// waited for before the next went out (the SASS of 4f61cd5: up to 8 memory latencies in turn).
 template <typename T, int HD>
 struct TokenRows {
   static constexpr int kDims = HD > kAttnThreads ? HD / kAttnThreads : 1;  // distinct dims a thread rotates
   static constexpr int kQueryLoads = kMaxGroup * HD / kAttnThreads;        // its q elements at most
   static constexpr int kPartDims = part_dims(HD);
   RotaryAngle angle[kDims];
-  float q[kQueryLoads] = {}, q_partner[kQueryLoads] = {}, k[kDims] = {}, k_partner[kDims] = {}, v[kDims] = {};
+  float q[kQueryLoads] = {}, q_partner[kQueryLoads] = {};
+  T k[kDims], k_partner[kDims], v[kDims];  // as loaded: converted only by the block that stores them
 
   __device__ void angles(const AttentionArgs& a, int64_t position) {
 #pragma unroll
@@ -233,25 +237,25 @@ struct TokenRows {
                                  a.rotary_scaling);
   }
 
-  __device__ void load(const AttentionArgs& a, int kv, bool current) {
-    const T* qh = static_cast<const T*>(a.q) + size_t(kv) * a.group * HD;
-#pragma unroll
-    for (int j = 0; j < kQueryLoads; ++j) {
-      const int i = threadIdx.x + kAttnThreads * j, d = i % HD;
-      if (i >= a.group * HD) break;
-      q[j] = Io<T>::load(qh[i]);
-      if (angle[j % kDims].rotates) q_partner[j] = Io<T>::load(qh[i - d + rotary_partner(d, a.rotary_dim)]);
-    }
-    if (!current) return;
+  // every block loads k and v too (a few hundred bytes from L2), kept as loaded: only the one holding the
+  // token's slot converts and stores them. No branch, so that all of these loads go out before any is
+  // waited for; past the group's heads (and past head_dim), the last element again, never used
+  __device__ void load(const AttentionArgs& a, int kv) {
     const T* kh = static_cast<const T*>(a.k) + size_t(kv) * HD;
     const T* vh = static_cast<const T*>(a.v) + size_t(kv) * HD;
 #pragma unroll
     for (int j = 0; j < kDims; ++j) {
-      const int d = threadIdx.x + kAttnThreads * j;
-      if (d >= HD) break;
-      k[j] = Io<T>::load(kh[d]);
-      if (angle[j].rotates) k_partner[j] = Io<T>::load(kh[rotary_partner(d, a.rotary_dim)]);
-      v[j] = Io<T>::load(vh[d]);
+      const int d = min(int(threadIdx.x) + kAttnThreads * j, HD - 1);
+      k[j] = kh[d];
+      k_partner[j] = kh[rotary_partner(d, a.rotary_dim)];  // see above
+      v[j] = vh[d];
+    }
+    const T* qh = static_cast<const T*>(a.q) + size_t(kv) * a.group * HD;
+#pragma unroll
+    for (int j = 0; j < kQueryLoads; ++j) {
+      const int i = min(int(threadIdx.x) + kAttnThreads * j, a.group * HD - 1), d = i % HD;
+      q[j] = Io<T>::load(qh[i]);
+      q_partner[j] = Io<T>::load(qh[i - d + rotary_partner(d, a.rotary_dim)]);  // see above
     }
   }
 
@@ -273,11 +277,11 @@ struct TokenRows {
     for (int j = 0; j < kDims; ++j) {
       const int d = threadIdx.x + kAttnThreads * j;
       if (d >= HD) break;
-      const float key = rotated<T>(k[j], k_partner[j], angle[j]);
+      const float key = rotated<T>(Io<T>::load(k[j]), Io<T>::load(k_partner[j]), angle[j]);
       static_cast<T*>(a.keys)[slot + d] = Io<T>::store(key);
-      static_cast<T*>(a.values)[slot + d] = Io<T>::store(v[j]);
+      static_cast<T*>(a.values)[slot + d] = v[j];
       current[0][d] = key;
-      current[1][d] = v[j];
+      current[1][d] = Io<T>::load(v[j]);
     }
   }
 };
@@ -374,7 +378,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(Attentio
   TokenRows<T, HD> token;
   token.angles(a, position);
   grid_dependency_wait();  // q, k and v come from the kernel before
-  token.load(a, kv, holds_current);
+  token.load(a, kv);
   if (holds_current) token.store_current(a, kv, position, current);
   token.store_queries(a, qs);
   __syncthreads();  // qs, current
