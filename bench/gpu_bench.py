@@ -226,14 +226,17 @@ def gemv_copies(torch, k: int, n: int, bpw: float = 4.0) -> list:
     return [CudaPackedLinear(bench_layer(k, n, bpw), None, "cuda", torch.float16) for _ in range(COPIES)]
 
 
+def rotating_calls(copies: list, call) -> list:
+    """CALLS_PER_GRAPH closures call(copy), over the weight copies in turn so that L2 cannot help."""
+    return [lambda i=i: call(copies[i % COPIES]) for i in range(CALLS_PER_GRAPH)]
+
+
 def rotating_gemv_calls(copies: list, x) -> list:
-    """CALLS_PER_GRAPH GEMVs on x, over the weight copies in turn so that L2 cannot help: each copy one
-    layer (its own launch) or a list of layers on one input (one launch, as the decode step runs them)."""
+    """rotating_calls of GEMVs on x: each copy one layer (its own launch) or a list of layers on one
+    input (one launch, as the decode step runs them)."""
     from trimtab.backend.quant.cuda_linear import gemv
 
-    def call(copy):
-        return gemv(copy, x) if isinstance(copy, list) else copy.gemv(x)
-    return [lambda i=i: call(copies[i % COPIES]) for i in range(CALLS_PER_GRAPH)]
+    return rotating_calls(copies, lambda copy: gemv(copy, x) if isinstance(copy, list) else copy.gemv(x))
 
 
 def gemv_error_vs_dequantize(torch, linear, x) -> float:
@@ -292,7 +295,7 @@ def time_groups(results: dict) -> None:
     for name, shapes in GROUPS.items():
         x = torch.randn(1, shapes[0][0], dtype=torch.half, device="cuda")
         copies = [list(group) for group in zip(*(gemv_copies(torch, k, n) for k, n in shapes))]
-        separate = [lambda i=i: [linear.gemv(x) for linear in copies[i % COPIES]] for i in range(CALLS_PER_GRAPH)]
+        separate = rotating_calls(copies, lambda group: [linear.gemv(x) for linear in group])
         together = rotating_gemv_calls(copies, x)
         groups[name] = {"separate_us": time_graph(torch, separate) * 1e6,
                         "one_launch_us": time_graph(torch, together) * 1e6}

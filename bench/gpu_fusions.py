@@ -21,7 +21,7 @@ HIDDEN = 4096
 
 def time_calls(torch, copies, call) -> float:
     """µs per call of call(copy), rotating over the weight copies in one graph."""
-    return gb.time_graph(torch, [lambda i=i: call(copies[i % gb.COPIES]) for i in range(gb.CALLS_PER_GRAPH)]) * 1e6
+    return gb.time_graph(torch, gb.rotating_calls(copies, call)) * 1e6
 
 
 def groups(torch, rounds: int) -> None:

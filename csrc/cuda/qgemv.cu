@@ -395,13 +395,20 @@ __device__ __forceinline__ void request_item(const GemvArgs& a, const Block& blk
   cp_async16(ring + a.out.max_bits * 32, scales, policy);
 }
 
-// What the output adds to x Wᵀ: the bias and the residual (either may be absent).
+// What the output adds to x Wᵀ at (b, col): the bias and the residual (either may be absent), as loaded;
+// value() adds them up, converting the residual only then (so that its load need not be waited for early).
 template <typename T>
-__device__ __forceinline__ float epilogue_addend(const GemvArgs& a, int b, int col) {
-  float s = a.out.bias ? a.out.bias[col] : 0.0f;
-  if (a.out.residual) s += Io<T>::load(static_cast<const T*>(a.out.residual)[b * a.out.ldy + col]);
-  return s;
-}
+struct Addend {
+  float bias;
+  T residual;
+  Addend() = default;
+  __device__ __forceinline__ Addend(const GemvArgs& a, int b, int col) : bias(a.out.bias ? a.out.bias[col] : 0.0f) {
+    if (a.out.residual) residual = static_cast<const T*>(a.out.residual)[b * a.out.ldy + col];
+  }
+  __device__ __forceinline__ float value(const GemvArgs& a) const {
+    return a.out.residual ? bias + Io<T>::load(residual) : bias;
+  }
+};
 
 // f(k, b, c, col) for each of a tile's NB × 128 outputs this thread takes (row b, column c of the tile,
 // col of the layer), at step k < kTileSteps<NB> of the thread's walk over them.
@@ -424,23 +431,19 @@ __device__ __forceinline__ void for_tile_outputs(int tile, F&& f) {
 // here, each load would be waited for before the ring's requests went out.
 template <typename T, int NB>
 struct Addends {
-  float bias[kPartialSlots][kTileSteps<NB>];
-  T residual[kPartialSlots][kTileSteps<NB>];
+  Addend<T> of[kPartialSlots][kTileSteps<NB>];
   __device__ __forceinline__ void load(const GemvArgs& a, const Block& blk) {
 #pragma unroll
     for (int p = 0; p < kPartialSlots; ++p)
       for_tile_outputs<NB>(p == 0 ? blk.first_tile : blk.last_tile, [&](int k, int b, int c, int col) {
-        const int at = col < a.layer.out ? col : 0;  // past the layer's outputs: column 0, never used
-        bias[p][k] = a.out.bias ? a.out.bias[at] : 0.0f;
-        if (a.out.residual) residual[p][k] = static_cast<const T*>(a.out.residual)[b * a.out.ldy + at];
+        of[p][k] = Addend<T>(a, b, col < a.layer.out ? col : 0);  // past the layer's outputs: column 0, never used
       });
   }
-  // epilogue_addend(a, b, col) at step k of `tile`: a tile between the first and the last loads its own
+  // the addend of output (b, col) at step k of `tile`: a tile between the first and the last loads its own
   __device__ __forceinline__ float at(const GemvArgs& a, const Block& blk, int tile, int k, int b, int col) const {
-    if (tile != blk.first_tile && tile != blk.last_tile) return epilogue_addend<T>(a, b, col);
-    const bool first = tile == blk.first_tile;  // selects, not an index: the arrays stay in registers
-    const float added = first ? bias[0][k] : bias[1][k];
-    return a.out.residual ? added + Io<T>::load(first ? residual[0][k] : residual[1][k]) : added;
+    if (tile != blk.first_tile && tile != blk.last_tile) return Addend<T>(a, b, col).value(a);
+    const Addend<T> addend = tile == blk.first_tile ? of[0][k] : of[1][k];  // a select: the array stays in registers
+    return addend.value(a);
   }
 };
 
