@@ -3,6 +3,8 @@
     decoder = CudaGraphDecoder(model)          # model: a Transformer on a CUDA device (any linear kinds)
     logits = decoder.prefill(tokens, cache)    # tokens [1, S] int64: chunked prefill → [V] float32 (last token)
     logits = decoder.step(token, cache)        # one token: fills slot cache.length, advances the cache → [V]
+    logits = decoder.step(None, cache)         # greedy: the token is the last step's argmax, already on the device
+    token = int(decoder.greedy_token)          # that argmax ([1, 1] int64 on the device)
 
 Op by op, a decode step is about 36 kernels a layer (RMSNorm, the q/k/v/o and MLP GEMVs, rotary,
 the KV write, SDPA, casts and adds); launched one by one from Python that costs more host time than
@@ -17,9 +19,11 @@ store it, which is all the next norm needs (layer 0's norm, and a float head's, 
 RMSNorm kernel; float projections: cuBLAS one at a time, and torch ops for SiLU and the adds). A mixture of experts
 (Mixtral) chooses its top-k experts on the GPU (router, softmax, top-k) and runs them as three
 routed GEMVs, each reading the chosen experts' indices from device memory, so the choice needs no
-host sync and stays in the graph. The graph reads the token and the position from device tensors
-written before each replay, attends over the whole static cache under a mask built from the position,
-and writes the logits into a static tensor (valid until the next step). A new cache object is
+host sync and stays in the graph. The graph reads the token and the position from device tensors,
+attends over the whole static cache under a mask built from the position, writes the logits into a
+static tensor (valid until the next step), and ends by writing the next step's inputs itself: the
+logits' argmax as the token and the position + 1, so greedy decoding replays the graph and reads one
+int per token (host time per token, measured on an H100: docs/CUDA.md). A new cache object is
 captured anew. Batch 1, full or sliding-window attention, HF (non-interleaved) rotary. Under tensor
 parallelism each rank captures its share of every layer and the two all-reduces of a layer (NCCL,
 captured into the graph); the residual adds then follow the all-reduce instead of riding in the GEMV.
@@ -47,6 +51,7 @@ class CudaGraphDecoder:
         self.prefill_chunk = prefill_chunk
         self.cache: KVCache | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.greedy_ready = False
         attn = model.layers[0].self_attn
         self.fused = cuda_ops.attention_supported(attn.head_dim, attn.num_heads // attn.num_kv_heads)
 
@@ -57,6 +62,7 @@ class CudaGraphDecoder:
         if cache.batch_size != 1 or int(cache.pad[0]) != 0:
             raise TrimtabError("the CUDA graph decoder prefills batch 1 without padding")
         tokens = tokens.to(self.model.device)
+        self.greedy_ready = False  # step(None) would continue the sequence before this prefill
         for start in range(0, tokens.shape[1], self.prefill_chunk):
             x = self._prefill_chunk(tokens[:, start:start + self.prefill_chunk], cache)
         m = self.model
@@ -109,31 +115,48 @@ class CudaGraphDecoder:
         return x
 
     @torch.inference_mode()
-    def step(self, token: int | torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Decode one token (an int, or a device tensor holding it) into slot cache.length → logits [V]."""
+    def step(self, token: int | torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+        """Decode one token into slot cache.length → logits [V]. token: an int, a device tensor holding it,
+        or None for `greedy_token`, the argmax of the previous step's logits, which the graph left on the
+        device (greedy decoding without a copy to the device). The graph also advances its position, so a
+        step that follows the previous one writes nothing before its replay."""
         if cache.batch_size != 1:
             raise TrimtabError(f"the CUDA graph decoder runs batch 1, got a cache of batch {cache.batch_size}")
-        cache.slots(1)  # raises if the cache is full
+        cache.ensure_room(1)
         if cache is not self.cache:
             self._capture(cache)
-        if isinstance(token, torch.Tensor):
+        if token is None:
+            if not self.greedy_ready:
+                raise TrimtabError("step(None, cache) decodes the previous step's argmax: it needs a step before it "
+                                   "on this cache, with no prefill between")
+        elif isinstance(token, torch.Tensor):
             self.token.copy_(token.view(1, 1))
         else:
             self.token.fill_(int(token))
-        self.position.fill_(cache.length)
+        if self.graph_position != cache.length:  # a prefill or a new sequence since the last step
+            self.position.fill_(cache.length)
         self.graph.replay()
         cache.advance(1)
+        self.graph_position, self.greedy_ready = cache.length, True
         return self.logits
+
+    @property
+    def greedy_token(self) -> torch.Tensor:
+        """[1, 1] int64 on the device: the argmax of the last step's logits (the first index of the largest),
+        which `step(None, cache)` decodes next; valid until the next step."""
+        if not self.greedy_ready:
+            raise TrimtabError("no greedy token yet: it is the argmax of the last decode step's logits")
+        return self.token
 
     def _capture(self, cache: KVCache) -> None:
         device = self.model.device
         self.cache, self.graph = None, None
-        self.token = torch.zeros(1, 1, dtype=torch.int64, device=device)
-        self.position = torch.zeros(1, dtype=torch.int64, device=device)
+        self.token = torch.zeros(1, 1, dtype=torch.int64, device=device)      # the step's token: input, then argmax
+        self.position = torch.zeros(1, dtype=torch.int64, device=device)     # the step's slot: input, then + 1
+        self.graph_position, self.greedy_ready = None, False                # the warm-up below moves both
+        if self.fused:
+            self.greedy_state = cuda_ops.new_greedy_state(device)
         self.slots = torch.arange(cache.max_len, device=device)   # [T]
-        # warm-up and capture write keys/values of a dummy token into slot cache.length, which the
-        # next real step rewrites before anything attends to it
-        self.position.fill_(cache.length)
         if self.fused:  # the GEMVs reserve their workspace in the warm-up, before the capture
             attn = self.model.layers[0].self_attn
             self.first_slot = cache.pad[:1]
@@ -142,7 +165,8 @@ class CudaGraphDecoder:
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):  # warm-up off the default stream, as capture needs
-            for _ in range(2):
+            for _ in range(2):  # keys/values of a dummy token into slot cache.length, which the next real
+                self.position.fill_(cache.length)  # step rewrites before anything attends to it
                 self._step_ops(cache)
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
@@ -151,8 +175,15 @@ class CudaGraphDecoder:
         self.graph, self.cache = graph, cache
 
     def _step_ops(self, cache: KVCache) -> torch.Tensor:
-        """One decode step as device ops only (no host syncs): captured into the graph."""
-        return self._fused_step_ops(cache) if self.fused else self._torch_step_ops(cache)
+        """One decode step as device ops only (no host syncs): captured into the graph. Ends by setting up
+        the next step: token ← argmax(logits), position + 1."""
+        logits = self._fused_step_ops(cache) if self.fused else self._torch_step_ops(cache)  # [V] float32
+        if self.fused:
+            cuda_ops.greedy_next(logits, self.token, self.position, self.greedy_state)
+        else:
+            self.token.copy_(logits.argmax().view(1, 1))
+            self.position.add_(1)
+        return logits
 
     def _fused_step_ops(self, cache: KVCache) -> torch.Tensor:
         """The step through trimtab's decode kernels: 6 launches a layer (module docstring)."""

@@ -42,7 +42,8 @@ from .ops import OnceBuilt, _build_root, _first_error_line, as_trimtab_error, ex
 
 __all__ = ["available", "load_extension", "qrepack", "MAX_GEMV_LAYERS", "GemvLayer", "RowNorm", "qgemv",
            "qgemv_workspace", "qgemv_counters", "qdequantize_t", "multiprocessor_count", "rms_norm", "silu_mul",
-           "rotary_kv", "decode_attention", "new_attention_workspace", "attention_supported"]
+           "rotary_kv", "decode_attention", "new_attention_workspace", "attention_supported", "greedy_next",
+           "new_greedy_state"]
 
 
 
@@ -133,6 +134,19 @@ def decode_attention(q, k, v, keys, values, position, first_slot, inv_freq, rota
     with _as_trimtab_error():
         return torch.ops.trimtab_cuda.decode_attention(q, k, v, keys, values, position, first_slot, inv_freq,
                                                        rotary_scaling, rotary_dim, workspace, scale, window)
+
+
+def greedy_next(logits: torch.Tensor, token: torch.Tensor, position: torch.Tensor, state: torch.Tensor) -> None:
+    """The next decode step's inputs from this step's float32 logits [V], on the device, in one kernel:
+    token [1] ← the first index of the largest logit (as torch.argmax), position [1] += 1. state: two
+    int64 zeros of the kernel's own (new_greedy_state), zeros again after each call."""
+    load_extension()
+    with _as_trimtab_error():
+        torch.ops.trimtab_cuda.greedy_next(logits, token, position, state)
+
+
+def new_greedy_state(device) -> torch.Tensor:
+    return torch.zeros(2, dtype=torch.int64, device=device)
 
 
 def new_attention_workspace(kv_heads: int, slots: int, head_dim: int, device) -> torch.Tensor:

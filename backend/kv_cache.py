@@ -23,10 +23,14 @@ class KVCache:
     def batch_size(self) -> int:
         return self.pad.shape[0]
 
-    def slots(self, new_tokens: int) -> torch.Tensor:
-        """Slot indices of the next `new_tokens` tokens: [S]."""
+    def ensure_room(self, new_tokens: int) -> None:
+        """Raise unless `new_tokens` more tokens fit (no device work: a decode step checks this per token)."""
         if self.length + new_tokens > self.max_len:
             raise ValueError(f"KV cache full: {self.length} + {new_tokens} tokens > {self.max_len} slots")
+
+    def slots(self, new_tokens: int) -> torch.Tensor:
+        """Slot indices of the next `new_tokens` tokens: [S]."""
+        self.ensure_room(new_tokens)
         return torch.arange(self.length, self.length + new_tokens, device=self.pad.device)
 
     def positions(self, new_tokens: int) -> torch.Tensor:

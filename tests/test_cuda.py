@@ -349,16 +349,74 @@ def test_fused_graph_step_matches_torch_ops(quantized, head_dim, window):
     cache, reference_cache = model.new_cache(1, 64), model.new_cache(1, 64)
     model.forward(tokens, cache)
     model.forward(tokens, reference_cache)
+    from trimtab.backend.cuda_decode import CudaGraphDecoder
+
+    torch_ops = CudaGraphDecoder(model)  # its own token and position: the graph's are the graph's
+    torch_ops.slots = torch.arange(64, device="cuda")
     token = 7
     for _ in range(3):
         logits = model.forward(torch.tensor([[token]], device="cuda"), cache)[0, -1]   # the graph
         with torch.inference_mode():
-            decoder.token.fill_(token)
-            decoder.position.fill_(reference_cache.length)
-            reference = decoder._torch_step_ops(reference_cache).clone()                 # op by op
+            torch_ops.token = torch.tensor([[token]], device="cuda")
+            torch_ops.position = torch.tensor([reference_cache.length], device="cuda")
+            reference = torch_ops._torch_step_ops(reference_cache).clone()              # op by op
         reference_cache.advance(1)
         torch.testing.assert_close(logits, reference, rtol=2e-3, atol=2e-3)
         token = int(reference.argmax())
+
+
+@needs_cuda
+def test_greedy_steps_decode_the_previous_argmax():
+    """step(None) decodes the previous step's argmax, left on the device by the graph, and computes what
+    steps given that token from the host compute; it refuses to start a sequence or follow a prefill."""
+    from trimtab.backend.errors import TrimtabError
+
+    model = small_llama(True, torch.float32, 64, None)
+    decoder = model.cuda_decoder
+    tokens = torch.randint(0, 160, (1, 20), generator=torch.Generator().manual_seed(3)).cuda()
+    greedy_cache, host_cache = model.new_cache(1, 64), model.new_cache(1, 64)
+    for cache in (greedy_cache, host_cache):
+        decoder.prefill(tokens, cache)
+    with pytest.raises(TrimtabError, match="needs a step before it"):
+        decoder.step(None, greedy_cache)
+    greedy, host = [], []
+    logits = decoder.step(5, greedy_cache)
+    for _ in range(6):
+        greedy.append(int(decoder.greedy_token))
+        assert greedy[-1] == int(logits.argmax())
+        logits = decoder.step(None, greedy_cache).clone()
+    logits = decoder.step(5, host_cache)   # a new cache: captured anew, position written from the host
+    for _ in range(6):
+        host.append(int(logits.argmax()))
+        logits = decoder.step(host[-1], host_cache).clone()
+    assert greedy == host and greedy_cache.length == host_cache.length == 27
+    torch.testing.assert_close(greedy_cache.keys[1][:, :, :27], host_cache.keys[1][:, :, :27])
+    decoder.prefill(tokens[:, :3], model.new_cache(1, 8))
+    with pytest.raises(TrimtabError, match="needs a step before it"):
+        decoder.step(None, host_cache)
+
+
+@needs_cuda
+@pytest.mark.parametrize("n", [1, 7, 1000, 128256, 300001])
+def test_greedy_next_is_torch_argmax(n):
+    """The kernel's argmax against torch.argmax: random logits, a tie for the largest (the first index
+    wins), every logit equal, -inf and NaN (which torch ranks above every number); the position is
+    advanced by one and the state left zeroed for the next call."""
+    from trimtab.backend import cuda_ops
+
+    g = torch.Generator().manual_seed(n)
+    state = cuda_ops.new_greedy_state("cuda")
+    token, position = torch.full((1, 1), -1, device="cuda"), torch.tensor([41], device="cuda")
+    cases = [torch.randn(n, generator=g), torch.zeros(n), torch.full((n,), float("-inf"))]
+    tied = torch.randn(n, generator=g)
+    tied[n // 3] = tied[n - 1] = tied.max() + 1
+    nan = torch.randn(n, generator=g)
+    nan[n // 2] = float("nan")
+    for i, logits in enumerate(cases + [tied, nan]):
+        logits = logits.cuda()
+        cuda_ops.greedy_next(logits, token, position, state)
+        assert int(token) == int(logits.argmax()), f"case {i}"
+        assert int(position) == 42 + i and not state.any(), f"case {i}"
 
 
 @needs_cuda
@@ -501,6 +559,9 @@ def test_graph_decoder_ops_match_model_forward(tmp_path):
     reference = model.forward(torch.tensor([[token]]), reference_cache)[0, -1]
     decoder.token, decoder.position = torch.tensor([[token]]), torch.tensor([cache.length])
     decoder.slots = torch.arange(cache.max_len)
+    position = cache.length
     with torch.inference_mode():
-        logits = decoder._torch_step_ops(cache)
+        logits = decoder._step_ops(cache)
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+    # the step ends by setting up the next one: the argmax as its token, the next slot as its position
+    assert int(decoder.token) == int(logits.argmax()) and int(decoder.position) == position + 1

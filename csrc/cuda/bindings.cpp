@@ -361,6 +361,22 @@ Tensor decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, Tenso
   return out;
 }
 
+void greedy_next(const Tensor& logits, Tensor token, Tensor position, Tensor state) {
+  const char* op = "greedy_next";
+  c10::cuda::CUDAGuard guard(logits.device());
+  TT_CHECK(logits.is_cuda() && logits.scalar_type() == at::kFloat && logits.is_contiguous() && logits.numel() >= 1 &&
+               logits.numel() < (int64_t(1) << 32),
+           op, "logits must be a contiguous float32 CUDA tensor of 1 to 2^32 - 1 elements");
+  for (const Tensor* t : {&token, &position, &state})
+    TT_CHECK(t->is_cuda() && t->device() == logits.device() && t->scalar_type() == at::kLong && t->is_contiguous(), op,
+             "token, position and state must be contiguous int64 tensors on the logits' device");
+  TT_CHECK(token.numel() == 1 && position.numel() == 1 && state.numel() == 2, op,
+           "token and position must hold one element, state two (zeros)");
+  check_cuda(trimtab_cuda::greedy_next(logits.data_ptr<float>(), logits.numel(), token.data_ptr<int64_t>(),
+                                       position.data_ptr<int64_t>(), state.data_ptr(),
+                                       c10::cuda::getCurrentCUDAStream()), op);
+}
+
 int64_t attention_workspace(int64_t kv_heads, int64_t slots, int64_t head_dim) {
   return trimtab_cuda::attention_workspace_floats(int(kv_heads), int(slots), int(head_dim));
 }
@@ -393,4 +409,5 @@ TORCH_LIBRARY(trimtab_cuda, m) {
         "float scale, int window) -> Tensor", &decode_attention);
   m.def("attention_workspace(int kv_heads, int slots, int head_dim) -> int", &attention_workspace);
   m.def("attention_supported(int head_dim, int group) -> bool", &attention_supported);
+  m.def("greedy_next(Tensor logits, Tensor(a!) token, Tensor(b!) position, Tensor(c!) state) -> ()", &greedy_next);
 }

@@ -5,6 +5,7 @@
 //   silu_mul         silu(gate)·up (prefill; a decode step does it inside the down GEMV)
 //   decode_attention one token: rotary, the KV write, softmax(q Kᵀ / √d) V over the cache's valid
 //                    slots, split over the slots (flash-decoding); then a kernel merging the splits
+//   greedy_next      the next step's inputs without the host: token = argmax(logits), position + 1
 // Device-side positions (read from memory, not kernel arguments), so one captured graph serves
 // every step.
 #include <float.h>
@@ -509,6 +510,66 @@ cudaError_t launch_attention(const AttentionArgs& a, cudaStream_t stream) {
   }
 }
 
+// ---- greedy_next: argmax of the step's logits into the next step's token ---------------------------
+// Each block takes a strided share of the logits (kGreedyLoads loads a thread in flight at once), packs
+// its best as one 64-bit key and puts it into state[0] by atomicMax; the last block to count itself
+// into state[1] turns the key into the token, advances the position and zeroes the state for the next
+// step. The key orders as (logit, −index): the first index of the largest logit wins, as torch.argmax;
+// a NaN logit (positive sign bit clear) outranks every number, as torch.argmax ranks it.
+
+constexpr int kGreedyThreads = 256;
+constexpr int kGreedyBlocks = 64;
+constexpr int kGreedyLoads = 8;
+
+__device__ __forceinline__ unsigned long long greedy_key(float logit, int64_t index) {
+  const unsigned bits = __float_as_uint(logit);
+  const unsigned ordered = bits & 0x80000000u ? ~bits : bits | 0x80000000u;  // unsigned order = float order
+  return (static_cast<unsigned long long>(ordered) << 32) | static_cast<unsigned>(~static_cast<unsigned>(index));
+}
+
+__device__ __forceinline__ unsigned long long warp_max_key(unsigned long long key) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) {
+    const unsigned long long other = __shfl_xor_sync(0xffffffffu, key, o);
+    key = other > key ? other : key;
+  }
+  return key;
+}
+
+__global__ void __launch_bounds__(kGreedyThreads)
+greedy_next_kernel(const float* logits, int64_t n, int64_t* token, int64_t* position, unsigned long long* state) {
+  __shared__ unsigned long long warp_best[kGreedyThreads / 32];
+  const int64_t stride = int64_t(gridDim.x) * kGreedyThreads;
+  unsigned long long best = 0;  // below every key of a number
+  for (int64_t base = int64_t(blockIdx.x) * kGreedyThreads + threadIdx.x; base < n; base += stride * kGreedyLoads) {
+    float v[kGreedyLoads];
+#pragma unroll
+    for (int j = 0; j < kGreedyLoads; ++j) v[j] = base + j * stride < n ? logits[base + j * stride] : -FLT_MAX;
+#pragma unroll
+    for (int j = 0; j < kGreedyLoads; ++j)
+      if (base + j * stride < n) {
+        const unsigned long long key = greedy_key(v[j], base + j * stride);
+        best = key > best ? key : best;
+      }
+  }
+  best = warp_max_key(best);
+  if (threadIdx.x % 32 == 0) warp_best[threadIdx.x / 32] = best;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int w = 1; w < kGreedyThreads / 32; ++w) best = warp_best[w] > best ? warp_best[w] : best;
+    atomicMax(&state[0], best);
+    __threadfence();
+    if (atomicAdd(&state[1], 1ull) == gridDim.x - 1) {  // the last block: every other key is in
+      __threadfence();
+      const unsigned long long key = atomicExch(&state[0], 0ull);
+      state[1] = 0;
+      *token = static_cast<int64_t>(~static_cast<unsigned>(key & 0xffffffffu));
+      *position += 1;
+    }
+  }
+}
+
 template <typename T>
 void launch_rms_norm(const void* x, const void* weight, void* y, int rows, int dim, float eps, cudaStream_t stream) {
   const T* in = static_cast<const T*>(x);
@@ -571,6 +632,14 @@ cudaError_t decode_attention(const AttentionArgs& a, int dtype, cudaStream_t str
     case 1: return launch_attention<__nv_bfloat16>(a, stream);
     default: return launch_attention<float>(a, stream);
   }
+}
+
+cudaError_t greedy_next(const float* logits, int64_t n, int64_t* token, int64_t* position, void* state,
+                        cudaStream_t stream) {
+  const int blocks = int(std::min<int64_t>(kGreedyBlocks, (n + kGreedyThreads - 1) / kGreedyThreads));
+  greedy_next_kernel<<<std::max(blocks, 1), kGreedyThreads, 0, stream>>>(logits, n, token, position,
+                                                                          static_cast<unsigned long long*>(state));
+  return cudaGetLastError();
 }
 
 }  // namespace trimtab_cuda
