@@ -762,15 +762,57 @@ def report(path: Path) -> None:
     write_section("gpu", body, script="gpu_bench")
 
 
+def source_commit() -> str:
+    """The commit measured: $TRIMTAB_COMMIT (a copy of the tree without .git), else git's HEAD here."""
+    if os.environ.get("TRIMTAB_COMMIT"):
+        return os.environ["TRIMTAB_COMMIT"]
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent)
+    return out.stdout.strip() or "unknown"
+
+
+def merge_runs(paths: list[Path], out: Path) -> None:
+    """One gpu.json from runs of `--parts` on one card: dicts merged key by key (a later run's figure wins
+    where two runs measured the same), `provenance` naming each run's parts, commit and date."""
+    def merged(into: dict, new: dict) -> dict:
+        for key, value in new.items():
+            into[key] = merged(dict(into[key]), value) if isinstance(value, dict) and isinstance(into.get(key), dict) \
+                else value
+        return into
+
+    runs = [json.loads(p.read_text()) for p in paths]
+    cards = {r.get("card") for r in runs}
+    if len(cards) != 1:
+        sys.exit(f"gpu_bench --merge: the runs are from different cards ({', '.join(map(str, cards))})")
+    result: dict = {}
+    for r in runs:
+        result = merged(result, r)
+    result["provenance"] = [f"{', '.join(r.get('parts', ['?']))} at {r.get('commit', '?')} on {r.get('date')}"
+                            for r in runs]
+    for key in ("parts", "commit"):
+        result.pop(key, None)
+    failed = sorted({part for r in runs for part in r.get("failed_parts", [])})
+    if failed:
+        result["failed_parts"] = failed
+    else:
+        result.pop("failed_parts", None)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"gpu_bench: {len(runs)} runs merged into {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--report", type=Path, help="render BENCHMARKS.md from this gpu.json and stop")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="merge the gpu.json files of runs of --parts on one card into bench/results/gpu.json")
     parser.add_argument("--parts", default="check,gemv,groups,exl2kernel,decode,moe,exllamav2,greedy")
     parser.add_argument("--quantized", type=Path, default=PEERS / "smollm2_q3",
                         help="a trimtab-quantized dir for the greedy comparison")
     args = parser.parse_args()
     if args.report:
         return report(args.report)
+    if args.merge:
+        return merge_runs(args.merge, RESULTS / "gpu.json")
 
     import torch
     from trimtab.backend import cuda_ops
@@ -779,7 +821,7 @@ def main() -> None:
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "date": time.strftime("%Y-%m-%d")}
+               "date": time.strftime("%Y-%m-%d"), "parts": sorted(parts), "commit": source_commit()}
 
     def save():
         (out_dir / "gpu.json").write_text(json.dumps(results, indent=1))
