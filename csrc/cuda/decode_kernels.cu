@@ -191,7 +191,8 @@ __global__ void silu_mul_kernel(const T* gate, const T* up, T* out, int64_t n) {
 // 16 splits at a time, and counting the blocks took a round trip more.
 
 constexpr int kAttnThreads = 128;
-constexpr int kSlots = 32;                      // slots a split scores: a 1k cache is 33 splits a KV head
+constexpr int kSlots = 32;                      // slots a split scores (a multiple of 32): a 1k cache is 33 splits
+static_assert(kSlots % 32 == 0 && kAttnThreads % kSlots == 0, "a warp's lanes take a split's slots evenly");
 constexpr int kParts = kAttnThreads / kSlots;   // threads scoring one slot
 constexpr int kMaxGroup = 8;                    // query heads per key/value head
 constexpr int kMergeSplits = 48;                // splits a merging thread has in flight
@@ -406,14 +407,21 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(Attentio
       }
       __syncthreads();
 
-      // softmax statistics: warp w takes query heads w, w + 4, ...; lane = slot
+      // softmax statistics: warp w takes query heads w, w + 4, ...; lane takes slots lane, lane + 32, ...
       const int warp = tid / 32, lane = tid % 32;
       for (int g = warp; g < G; g += kAttnThreads / 32) {
-        const float score = probs[g][lane];
-        const float m = warp_max(score);  // finite: the split has a valid slot
-        const float p = __expf(score - m);
-        probs[g][lane] = p;
-        const float l = warp_sum(p);
+        float score[kSlots / 32], top = -FLT_MAX;
+#pragma unroll
+        for (int j = 0; j < kSlots / 32; ++j) top = fmaxf(top, score[j] = probs[g][lane + 32 * j]);
+        const float m = warp_max(top);  // finite: the split has a valid slot
+        float l = 0.0f;
+#pragma unroll
+        for (int j = 0; j < kSlots / 32; ++j) {
+          const float p = __expf(score[j] - m);
+          probs[g][lane + 32 * j] = p;
+          l += p;
+        }
+        l = warp_sum(l);
         if (lane == 0) part[kMaxGroup * HD + g] = m, part[kMaxGroup * HD + kMaxGroup + g] = l;
       }
       __syncthreads();
