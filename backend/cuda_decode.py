@@ -3,6 +3,7 @@
     decoder = CudaGraphDecoder(model)          # model: a Transformer on a CUDA device (any linear kinds)
     logits = decoder.prefill(tokens, cache)    # tokens [1, S] int64: chunked prefill → [V] float32 (last token)
     logits = decoder.step(token, cache)        # one token: fills slot cache.length, advances the cache → [V]
+                                               # (the model's dtype, overwritten by the next step)
     logits = decoder.step(None, cache)         # greedy: the token is the last step's argmax, already on the device
     token = int(decoder.greedy_token)          # that argmax ([1, 1] int64 on the device)
 
@@ -116,7 +117,8 @@ class CudaGraphDecoder:
 
     @torch.inference_mode()
     def step(self, token: int | torch.Tensor | None, cache: KVCache) -> torch.Tensor:
-        """Decode one token into slot cache.length → logits [V]. token: an int, a device tensor holding it,
+        """Decode one token into slot cache.length → logits [V] in the model's dtype (no cast kernel in the
+        graph: the caller converts what it keeps). token: an int, a device tensor holding it,
         or None for `greedy_token`, the argmax of the previous step's logits, which the graph left on the
         device (greedy decoding without a copy to the device). The graph also advances its position, so a
         step that follows the previous one writes nothing before its replay."""
@@ -177,7 +179,7 @@ class CudaGraphDecoder:
     def _step_ops(self, cache: KVCache) -> torch.Tensor:
         """One decode step as device ops only (no host syncs): captured into the graph. Ends by setting up
         the next step: token ← argmax(logits), position + 1."""
-        logits = self._fused_step_ops(cache) if self.fused else self._torch_step_ops(cache)  # [V] float32
+        logits = self._fused_step_ops(cache) if self.fused else self._torch_step_ops(cache)  # [V]
         if self.fused:
             cuda_ops.greedy_next(logits, self.token, self.position, self.greedy_state)
         else:
@@ -207,7 +209,7 @@ class CudaGraphDecoder:
             else:
                 h = _rms_norm(x, layer.post_attention_layernorm, fused=True)
                 x, stats = x + m.tp.all_reduce(_routed_experts(mlp, h)), None
-        return _normed_projections((m.lm_head,), x, m.norm, stats)[0].float().view(-1)     # [V]
+        return _normed_projections((m.lm_head,), x, m.norm, stats)[0].view(-1)     # [V] in the model's dtype
 
     def _torch_step_ops(self, cache: KVCache) -> torch.Tensor:
         m = self.model
@@ -224,7 +226,7 @@ class CudaGraphDecoder:
             h = _rms_norm(x, layer.post_attention_layernorm)
             mlp = layer.mlp
             x = x + m.tp.all_reduce(mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h)))
-        return m.lm_head(_rms_norm(x, m.norm)).float().view(-1)             # [V]
+        return m.lm_head(_rms_norm(x, m.norm)).view(-1)                     # [V] in the model's dtype
 
     def _mask(self, cache: KVCache, window: int | None) -> torch.Tensor:
         allowed = (self.slots <= self.position) & (self.slots >= cache.pad[0])

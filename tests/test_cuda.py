@@ -412,11 +412,14 @@ def test_greedy_next_is_torch_argmax(n):
     tied[n // 3] = tied[n - 1] = tied.max() + 1
     nan = torch.randn(n, generator=g)
     nan[n // 2] = float("nan")
-    for i, logits in enumerate(cases + [tied, nan]):
-        logits = logits.cuda()
-        cuda_ops.greedy_next(logits, token, position, state)
-        assert int(token) == int(logits.argmax()), f"case {i}"
-        assert int(position) == 42 + i and not state.any(), f"case {i}"
+    calls = 0
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for i, logits in enumerate(cases + [tied, nan]):
+            logits = logits.to(dtype).cuda()   # (rounding may tie values: argmax still takes the first)
+            cuda_ops.greedy_next(logits, token, position, state)
+            calls += 1
+            assert int(token) == int(logits.argmax()), f"{dtype}, case {i}"
+            assert int(position) == 41 + calls and not state.any(), f"{dtype}, case {i}"
 
 
 @needs_cuda

@@ -328,8 +328,10 @@ class Transformer:
             cache.advance(1)
             return logits.view(1, 1, -1)
         if self.cuda_decoder is not None and tokens.shape == (1, 1) and cache.batch_size == 1:
-            # the graph's logits are overwritten by its next replay: the caller gets its own copy
-            return self.cuda_decoder.step(tokens[0, 0], cache).clone().view(1, 1, -1)  # advances the cache
+            # the graph's logits (the model's dtype) are overwritten by its next replay: the caller gets its
+            # own float32 copy
+            logits = self.cuda_decoder.step(tokens[0, 0], cache)  # advances the cache
+            return logits.to(torch.float32, copy=True).view(1, 1, -1)
         S = tokens.shape[1]
         positions = cache.positions(S)  # [B, S]
         windows = {layer.sliding_window for layer in self.layers}

@@ -364,15 +364,15 @@ Tensor decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, Tenso
 void greedy_next(const Tensor& logits, Tensor token, Tensor position, Tensor state) {
   const char* op = "greedy_next";
   c10::cuda::CUDAGuard guard(logits.device());
-  TT_CHECK(logits.is_cuda() && logits.scalar_type() == at::kFloat && logits.is_contiguous() && logits.numel() >= 1 &&
-               logits.numel() < (int64_t(1) << 32),
-           op, "logits must be a contiguous float32 CUDA tensor of 1 to 2^32 - 1 elements");
+  const int code = dtype_code(logits, op);
+  TT_CHECK(logits.is_cuda() && logits.is_contiguous() && logits.numel() >= 1 && logits.numel() < (int64_t(1) << 32),
+           op, "logits must be a contiguous CUDA tensor of 1 to 2^32 - 1 elements");
   for (const Tensor* t : {&token, &position, &state})
     TT_CHECK(t->is_cuda() && t->device() == logits.device() && t->scalar_type() == at::kLong && t->is_contiguous(), op,
              "token, position and state must be contiguous int64 tensors on the logits' device");
   TT_CHECK(token.numel() == 1 && position.numel() == 1 && state.numel() == 2, op,
            "token and position must hold one element, state two (zeros)");
-  check_cuda(trimtab_cuda::greedy_next(logits.data_ptr<float>(), logits.numel(), token.data_ptr<int64_t>(),
+  check_cuda(trimtab_cuda::greedy_next(logits.data_ptr(), logits.numel(), code, token.data_ptr<int64_t>(),
                                        position.data_ptr<int64_t>(), state.data_ptr(),
                                        c10::cuda::getCurrentCUDAStream()), op);
 }

@@ -544,15 +544,16 @@ __device__ __forceinline__ unsigned long long warp_max_key(unsigned long long ke
   return key;
 }
 
+template <typename T>
 __global__ void __launch_bounds__(kGreedyThreads)
-greedy_next_kernel(const float* logits, int64_t n, int64_t* token, int64_t* position, unsigned long long* state) {
+greedy_next_kernel(const T* logits, int64_t n, int64_t* token, int64_t* position, unsigned long long* state) {
   __shared__ unsigned long long warp_best[kGreedyThreads / 32];
   const int64_t stride = int64_t(gridDim.x) * kGreedyThreads;
   unsigned long long best = 0;  // below every key of a number
   for (int64_t base = int64_t(blockIdx.x) * kGreedyThreads + threadIdx.x; base < n; base += stride * kGreedyLoads) {
     float v[kGreedyLoads];
 #pragma unroll
-    for (int j = 0; j < kGreedyLoads; ++j) v[j] = base + j * stride < n ? logits[base + j * stride] : -FLT_MAX;
+    for (int j = 0; j < kGreedyLoads; ++j) v[j] = base + j * stride < n ? Io<T>::load(logits[base + j * stride]) : -FLT_MAX;
 #pragma unroll
     for (int j = 0; j < kGreedyLoads; ++j)
       if (base + j * stride < n) {
@@ -642,11 +643,18 @@ cudaError_t decode_attention(const AttentionArgs& a, int dtype, cudaStream_t str
   }
 }
 
-cudaError_t greedy_next(const float* logits, int64_t n, int64_t* token, int64_t* position, void* state,
+cudaError_t greedy_next(const void* logits, int64_t n, int dtype, int64_t* token, int64_t* position, void* state,
                         cudaStream_t stream) {
-  const int blocks = int(std::min<int64_t>(kGreedyBlocks, (n + kGreedyThreads - 1) / kGreedyThreads));
-  greedy_next_kernel<<<std::max(blocks, 1), kGreedyThreads, 0, stream>>>(logits, n, token, position,
-                                                                          static_cast<unsigned long long*>(state));
+  const int blocks = std::max(1, int(std::min<int64_t>(kGreedyBlocks, (n + kGreedyThreads - 1) / kGreedyThreads)));
+  auto* keys = static_cast<unsigned long long*>(state);
+  switch (dtype) {
+    case 0: greedy_next_kernel<<<blocks, kGreedyThreads, 0, stream>>>(static_cast<const half*>(logits), n, token,
+                                                                         position, keys); break;
+    case 1: greedy_next_kernel<<<blocks, kGreedyThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(logits), n,
+                                                                         token, position, keys); break;
+    default: greedy_next_kernel<<<blocks, kGreedyThreads, 0, stream>>>(static_cast<const float*>(logits), n, token,
+                                                                          position, keys); break;
+  }
   return cudaGetLastError();
 }
 
