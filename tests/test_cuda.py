@@ -411,7 +411,7 @@ def test_greedy_next_is_torch_argmax(n):
     tied = torch.randn(n, generator=g)
     tied[n // 3] = tied[n - 1] = tied.max() + 1
     nan = torch.randn(n, generator=g)
-    nan[n // 2] = float("nan")
+    nan[n // 2] = float("nan")   # (torch's bfloat16 of it has the sign bit set: a NaN of either sign is the top)
     calls = 0
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for i, logits in enumerate(cases + [tied, nan]):

@@ -523,7 +523,7 @@ cudaError_t launch_attention(const AttentionArgs& a, cudaStream_t stream) {
 // its best as one 64-bit key and puts it into state[0] by atomicMax; the last block to count itself
 // into state[1] turns the key into the token, advances the position and zeroes the state for the next
 // step. The key orders as (logit, −index): the first index of the largest logit wins, as torch.argmax;
-// a NaN logit (positive sign bit clear) outranks every number, as torch.argmax ranks it.
+// a NaN logit, of either sign, outranks every number, as torch.argmax ranks it.
 
 constexpr int kGreedyThreads = 256;
 constexpr int kGreedyBlocks = 64;
@@ -531,7 +531,8 @@ constexpr int kGreedyLoads = 8;
 
 __device__ __forceinline__ unsigned long long greedy_key(float logit, int64_t index) {
   const unsigned bits = __float_as_uint(logit);
-  const unsigned ordered = bits & 0x80000000u ? ~bits : bits | 0x80000000u;  // unsigned order = float order
+  // unsigned order = float order; any NaN (torch's bfloat16 NaN has the sign bit set) above +inf
+  const unsigned ordered = isnan(logit) ? 0xffffffffu : bits & 0x80000000u ? ~bits : bits | 0x80000000u;
   return (static_cast<unsigned long long>(ordered) << 32) | static_cast<unsigned>(~static_cast<unsigned>(index));
 }
 
