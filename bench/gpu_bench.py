@@ -486,7 +486,10 @@ def moe_text(r: dict) -> str:
             f"op) {m['eager_decode_tok_s']:.1f} tok/s.")
 
 
-def median_tok_s(one_token, tokens: int, rounds: int = 3) -> float:
+DECODE_ROUNDS = 5  # a decode figure is the median of this many rounds
+
+
+def median_tok_s(one_token, tokens: int, rounds: int = DECODE_ROUNDS) -> float:
     """Tokens per second of `tokens` calls of one_token() (each ends in a host sync), median of `rounds`."""
     results = []
     for _ in range(rounds):
@@ -497,13 +500,13 @@ def median_tok_s(one_token, tokens: int, rounds: int = 3) -> float:
     return sorted(results)[rounds // 2]
 
 
-def measure_model(model, context: int, decode_tokens: int = 64, fused: bool = True, cache_slots: int = 0) -> dict:
+def measure_model(model, context: int, decode_tokens: int = 128, fused: bool = True, cache_slots: int = 0) -> dict:
     """Prefill of `context` tokens (median of 3) and greedy decode tok/s at that context, the host reading
     every token (as ExLlamaV2's test_inference -s measures): one graph replay per token, whose last kernel
     takes the argmax and sets up the next step on the GPU, then the token read; and, as before the graph
     did, the argmax taken by torch on the step's logits and the token written from the host
-    (host_argmax_tok_s); each the median of 3 rounds of `decode_tokens`. The cache holds `cache_slots` slots, or
-    just enough."""
+    (host_argmax_tok_s); each the median of DECODE_ROUNDS rounds of `decode_tokens`. The cache holds
+    `cache_slots` slots, or just enough."""
     import torch
     from trimtab.backend.cuda_decode import CudaGraphDecoder
 
@@ -512,7 +515,7 @@ def measure_model(model, context: int, decode_tokens: int = 64, fused: bool = Tr
     vocab = model.args.vocab_size
     tokens = torch.randint(0, vocab, (1, context), device="cuda")
     prefill = []
-    slots = max(cache_slots, context + 6 * decode_tokens + 16)
+    slots = max(cache_slots, context + 2 * DECODE_ROUNDS * decode_tokens + 16)
     for _ in range(3):
         cache = model.new_cache(1, slots)
         torch.cuda.synchronize()
@@ -545,7 +548,7 @@ def measure_model(model, context: int, decode_tokens: int = 64, fused: bool = Tr
     torch.cuda.synchronize()
     graph_ms = start_event.elapsed_time(end_event) / 8
     return {"prefill_tok_s": context / sorted(prefill)[1], "decode_tok_s": decode, "host_argmax_tok_s": host_argmax,
-            "graph_step_ms": graph_ms}
+            "graph_step_ms": graph_ms, "decode_tokens": decode_tokens, "decode_rounds": DECODE_ROUNDS}
 
 
 LONG_CACHE = 32768  # slots of the long cache decode is also timed with
@@ -718,7 +721,8 @@ def report(path: Path) -> None:
         + "\n\nLlama-3-8B shapes (32 layers, hidden 4096, MLP 14336, 8 KV heads, vocab 128256), random weights, "
         "batch 1, float16 activations. Greedy decode at context 1024, the host reading every token: one CUDA graph "
         "replay per token (`backend/cuda_decode.py`) whose last kernel takes the argmax and sets up the next step, "
-        "then a host sync reading the token; 'host argmax' is the same graph with the argmax taken by torch on its "
+        f"then a host sync reading the token{decode_rounds_text(e2e.get('trimtab_4bpw', {}))}; 'host argmax' is the "
+        "same graph with the argmax taken by torch on its "
         "logits and the token written back from the host (how trimtab measured before the graph took the argmax, "
         "and how ExLlamaV2's harness decodes); 'graph ms' is the graph alone. Prefill: 1024 "
         "tokens in one chunk. trimtab's body at 4.0 bpw, its head 6-bit. 'trimtab's decode kernels': rotary, the KV "
@@ -769,6 +773,12 @@ def source_commit() -> str:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parent)
     return out.stdout.strip() or "unknown"
+
+
+def decode_rounds_text(figures: dict) -> str:
+    if "decode_rounds" not in figures:
+        return ""
+    return f" (each figure the median of {figures['decode_rounds']} rounds of {figures['decode_tokens']} tokens)"
 
 
 def merge_runs(paths: list[Path], out: Path) -> None:
