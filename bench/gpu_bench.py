@@ -721,7 +721,8 @@ def report(path: Path) -> None:
         + "\n\nLlama-3-8B shapes (32 layers, hidden 4096, MLP 14336, 8 KV heads, vocab 128256), random weights, "
         "batch 1, float16 activations. Greedy decode at context 1024, the host reading every token: one CUDA graph "
         "replay per token (`backend/cuda_decode.py`) whose last kernel takes the argmax and sets up the next step, "
-        f"then a host sync reading the token{decode_rounds_text(e2e.get('trimtab_4bpw', {}))}; 'host argmax' is the "
+        f"then a host sync reading the token{decode_rounds_text(e2e.get('trimtab_4bpw', {}))}"
+        f"{power_cap_text(r.get('power_capped_s', {}).get('decode'))}; 'host argmax' is the "
         "same graph with the argmax taken by torch on its "
         "logits and the token written back from the host (how trimtab measured before the graph took the argmax, "
         "and how ExLlamaV2's harness decodes); 'graph ms' is the graph alone. Prefill: 1024 "
@@ -766,6 +767,17 @@ def report(path: Path) -> None:
     write_section("gpu", body, script="gpu_bench")
 
 
+def power_capped_seconds() -> float | None:
+    """How long the card has run with its clocks lowered by the driver's power cap since boot (nvidia-smi's
+    counter), or None where nvidia-smi cannot say: a part during which it grew ran on a slower card."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks_event_reasons_counters.sw_power_cap",
+                              "--format=csv,noheader,nounits", "--id=0"], capture_output=True, text=True, timeout=20)
+        return float(out.stdout.strip().splitlines()[0]) / 1e6  # µs
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
 def source_commit() -> str:
     """The commit measured: $TRIMTAB_COMMIT (a copy of the tree without .git), else git's HEAD here."""
     if os.environ.get("TRIMTAB_COMMIT"):
@@ -773,6 +785,12 @@ def source_commit() -> str:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parent)
     return out.stdout.strip() or "unknown"
+
+
+def power_cap_text(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return f"; the driver's power cap lowered the card's clocks for {seconds:.1f} s of that part"
 
 
 def decode_rounds_text(figures: dict) -> str:
@@ -851,12 +869,15 @@ def main() -> None:
     for part, run in steps:
         if part not in parts:
             continue
+        capped = power_capped_seconds()
         try:
             run()
         except Exception:  # one part failing must not lose the others' figures
             import traceback
             traceback.print_exc()
             results.setdefault("failed_parts", []).append(part)
+        if capped is not None and power_capped_seconds() is not None:
+            results.setdefault("power_capped_s", {})[part] = power_capped_seconds() - capped
         save()
     print(json.dumps({k: v for k, v in results.items() if k not in ("checks", "greedy")}, indent=1), flush=True)
 
