@@ -7,6 +7,8 @@ can decode different greedy tokens from one model and prompt (issue 8's GPU-agai
 
     python bench/int8_sensitivity.py [--model bench/peers/smollm2_q3] [--seeds 5]
 
+With each path's perplexity on ../shared/data/text/wiki.utf8, which says how flat the model's logits are.
+
 Writes bench/results/int8_sensitivity.json and the `int8_sensitivity` section of BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -22,6 +24,8 @@ from report import markdown_table, write_section  # noqa: E402
 
 PROMPT = "The three primary colours are"
 EPSILONS = (0.0, 1e-7, 1e-6, 1e-5)
+TEXT = BENCH.parents[1] / "shared" / "data" / "text" / "wiki.utf8"
+WINDOWS = 6  # of 512 tokens: the perplexity that says how flat the model's logits are
 
 
 def use_float32_activations(model) -> None:
@@ -72,13 +76,18 @@ def main() -> None:
     loaded = trimtab.load(str(args.model), device="cpu")
     ids = loaded.tokenizer.encode(PROMPT)
     model = loaded.transformer
-    runs = {}
+    from trimtab.backend.evaluate import evaluation_tokens, perplexity
+
+    text_ids = evaluation_tokens(loaded, TEXT.read_text(), 512 * WINDOWS)
+    runs, perplexities = {}, {}
     for path in ("int8 activations (default)", "float32 activations"):
         if path.startswith("float32"):
             use_float32_activations(model)
         runs[path] = {str(eps): first_tokens(model, ids, eps, args.seeds) for eps in EPSILONS}
-        print(path, json.dumps(runs[path]), flush=True)
-    results = {"model": args.model.name, "prompt": PROMPT, "seeds": args.seeds, "runs": runs}
+        perplexities[path] = perplexity(loaded, text_ids, 512)
+        print(path, f"perplexity {perplexities[path]:.1f}", json.dumps(runs[path]), flush=True)
+    results = {"model": args.model.name, "prompt": PROMPT, "seeds": args.seeds, "runs": runs,
+               "perplexity": perplexities, "perplexity_text": f"{TEXT.name}, {WINDOWS} windows of 512 tokens"}
     (BENCH / "results").mkdir(exist_ok=True)
     (BENCH / "results" / "int8_sensitivity.json").write_text(json.dumps(results, indent=1))
     rows = []
@@ -91,7 +100,10 @@ def main() -> None:
     write_section("int8_sensitivity", (
         f"`{args.model.name}` on the CPU, prompt \"{PROMPT}\": the first greedy token with the embedding's output "
         f"multiplied by (1 + eps·N(0, 1)), {args.seeds} noise seeds per eps (eps 0: once). 1e-7 is the size of one "
-        "float32 rounding, what two hosts' float ops (another torch, another SIMD width) differ by.\n\n"
+        "float32 rounding, what two hosts' float ops (another torch, another SIMD width) differ by. How flat the "
+        f"model's logits are: its perplexity on {TEXT.name} ({WINDOWS} windows of 512 tokens) is "
+        + " and ".join(f"{v:,.1f} with {k}" for k, v in perplexities.items())
+        + " (a 135M-parameter model at 3 bits, rounded to nearest: near-ties everywhere).\n\n"
         + markdown_table(["CPU kernels", "eps", "first tokens", "top-2 margin", "largest logit change"], rows)))
 
 
