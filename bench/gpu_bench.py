@@ -819,7 +819,9 @@ def merge_runs(paths: list[Path], out: Path) -> None:
                             for r in runs]
     for key in ("parts", "commit"):
         result.pop(key, None)
-    failed = sorted({part for r in runs for part in r.get("failed_parts", [])})
+    failed = sorted({part for i, r in enumerate(runs) for part in r.get("failed_parts", [])  # unless run again
+                     if not any(part in later.get("parts", []) and part not in later.get("failed_parts", [])
+                                for later in runs[i + 1:])})
     if failed:
         result["failed_parts"] = failed
     else:

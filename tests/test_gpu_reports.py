@@ -63,6 +63,13 @@ def test_runs_of_parts_merge_into_one_result_naming_each(gpu_bench, tmp_path):
     assert merged["provenance"] == ["gemv at abc1234 on 2026-11-26", "decode, exl2kernel at def5678 on 2026-11-27"]
     assert merged["failed_parts"] == ["exl2kernel"] and "parts" not in merged and "commit" not in merged
 
+    again = {"card": "H100", "date": "2026-11-28", "parts": ["exl2kernel"], "commit": "def5678"}
+    paths.append(tmp_path / "run2.json")
+    paths[-1].write_text(json.dumps(again))
+    gpu_bench.merge_runs(paths, tmp_path / "gpu.json")
+    assert "failed_parts" not in json.loads((tmp_path / "gpu.json").read_text())  # the part ran again, and ran
+    paths.pop()
+
     peers["card"] = "H200"
     paths[1].write_text(json.dumps(peers))
     with pytest.raises(SystemExit, match="different cards"):
