@@ -533,10 +533,9 @@ def measure_model(model, context: int, decode_tokens: int = 128, fused: bool = T
         decoder.step(None, cache)
         int(decoder.greedy_token)
 
-    host_token = [token]
-
     def argmax_on_host() -> None:
-        host_token[0] = int(decoder.step(host_token[0], cache).argmax())
+        nonlocal token
+        token = int(decoder.step(token, cache).argmax())
 
     decode, host_argmax = (median_tok_s(one_token, decode_tokens) for one_token in (greedy_on_gpu, argmax_on_host))
     # the graph alone (no host sync between steps): what the GPU needs per token
@@ -617,23 +616,14 @@ def compare_greedy(results: dict, quantized: Path, steps: int = 64) -> None:
     import torch
     import trimtab
 
-    from trimtab.backend.fused_decode import FusedDecoder
-    from trimtab.backend.quant.kernels import CpuPackedLinear
+    from int8_sensitivity import PROMPT as prompt, use_float32_activations
 
-    prompt = "The three primary colours are"
     cpu = trimtab.load(str(quantized), device="cpu")
     ids = cpu.tokenizer.encode(prompt)
     cpu_tokens, cpu_margins = greedy_tokens(cpu.transformer, ids, steps)
     greedy = results["greedy"] = {"model": quantized.name, "steps": steps, "cpu_tokens": cpu_tokens}
-    # the CPU path with float32 activations everywhere (its default quantizes them to int8 per block)
     model = cpu.transformer
-    for layer in model.layers:
-        for linear in (*vars(layer.self_attn).values(), *vars(layer.mlp).values()):
-            if isinstance(linear, CpuPackedLinear):
-                linear.kernel = "fp32"
-    if isinstance(model.lm_head, CpuPackedLinear):
-        model.lm_head.kernel = "fp32"
-    model.fused_decoder = FusedDecoder.build(model, kernel="fp32")
+    use_float32_activations(model)
     fp32_tokens, fp32_margins = greedy_tokens(model, ids, steps)
     for dtype in ("float32", "bfloat16", "float16"):
         gpu = trimtab.load(str(quantized), device="cuda", dtype=dtype)

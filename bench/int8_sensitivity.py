@@ -29,6 +29,9 @@ WINDOWS = 6  # of 512 tokens: the perplexity that says how flat the model's logi
 
 
 def use_float32_activations(model) -> None:
+    """The CPU path with float32 activations everywhere: every packed linear and the fused decoder (its
+    default quantizes activations to int8 per block). Also bench/gpu_bench.py's greedy comparison."""
+    from trimtab.backend.fused_decode import FusedDecoder
     from trimtab.backend.quant.kernels import CpuPackedLinear
 
     linears = [model.lm_head] + [linear for layer in model.layers
@@ -36,6 +39,7 @@ def use_float32_activations(model) -> None:
     for linear in linears:
         if isinstance(linear, CpuPackedLinear):
             linear.kernel = "fp32"
+    model.fused_decoder = FusedDecoder.build(model, kernel="fp32")
 
 
 def first_tokens(model, ids: list[int], eps: float, seeds: int) -> list[dict]:
