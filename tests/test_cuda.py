@@ -122,6 +122,25 @@ def test_gemv_any_grid(blocks, batch):
 
 
 @needs_cuda
+def test_gemv_of_a_very_large_layer_runs_more_blocks_than_fit_at_once():
+    """A layer past max_items_per_block at the large grid (an output head) takes more blocks than the GPU
+    holds at once, each at most max_items_per_block items; the waves give the same y."""
+    from trimtab.backend.quant.cuda_linear import CudaPackedLinear
+
+    one_wave = CudaPackedLinear.large_blocks_per_multiprocessor * torch.cuda.get_device_properties(0).multi_processor_count
+    tiles = CudaPackedLinear.LARGE_LAYER_ITEMS * one_wave // 32 + 1        # × 32 chunks of 1024 inputs
+    layer = random_layer(1024, tiles * 128, [4, 6], 128, seed=5)
+    linear = CudaPackedLinear(layer, None, "cuda", torch.float16)
+    x = torch.randn(1, 1024, device="cuda").half()
+    ref = x.double() @ qformat.dequantize(layer).cuda().double().t()
+    for items in (10 ** 9, 8):
+        linear.max_items_per_block = items
+        assert linear.target_blocks() == max(one_wave, -(-tiles * 32 // items))
+        y = linear.gemv(x)
+        assert float((y.double() - ref).norm() / ref.norm()) < 4e-3
+
+
+@needs_cuda
 @pytest.mark.parametrize("blocks", [1, 4, 264])
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)

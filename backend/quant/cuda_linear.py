@@ -94,8 +94,12 @@ class CudaPackedLinear(PackedLinear):
     # The GEMV's grid (docs/CUDA.md; bench/gpu_bench.py measures it): the (column tile, chunk) items
     # cut into this many equal blocks per multiprocessor, or into large_blocks_per_multiprocessor where
     # that still gives every block LARGE_LAYER_ITEMS items (3 chunks a warp: shallower rings, more of them).
+    # A layer so large that those blocks would each take more than max_items_per_block items (an output
+    # head: 128 k items for Llama-3's) gets more blocks than the GPU holds at once, so that the
+    # multiprocessors that finish first take the rest: one wave of equal runs waits for the slowest.
     blocks_per_multiprocessor: int = 2
     large_blocks_per_multiprocessor: int = 4
+    max_items_per_block: int = 40
     LARGE_LAYER_ITEMS = 24
 
     def __init__(self, layer: QuantizedLinear, bias: torch.Tensor | None, device, dtype: torch.dtype):
@@ -120,6 +124,7 @@ class CudaPackedLinear(PackedLinear):
             self.multiprocessors = cuda_ops.multiprocessor_count(self.words)
             self.blocks_per_multiprocessor = type(self).blocks_per_multiprocessor
             self.large_blocks_per_multiprocessor = type(self).large_blocks_per_multiprocessor
+            self.max_items_per_block = type(self).max_items_per_block
             self.gemv_items = tiles * int(plan.meta.shape[0])                            # (tile, chunk) items
             self.gemv_layer = cuda_ops.GemvLayer(self.words, self.scale_min, self.meta, self.xmap, self.bias,
                                                  self.out_features, self.max_bits)
@@ -144,7 +149,7 @@ class CudaPackedLinear(PackedLinear):
         """The GEMV grid's target size (for a launch of several layers: its first layer's)."""
         large = self.large_blocks_per_multiprocessor * self.multiprocessors
         if self.gemv_items >= self.LARGE_LAYER_ITEMS * large:
-            return large
+            return max(large, -(-self.gemv_items // self.max_items_per_block))
         return self.blocks_per_multiprocessor * self.multiprocessors
 
     def gemv(self, rows: torch.Tensor, gate: torch.Tensor | None = None, residual: torch.Tensor | None = None,

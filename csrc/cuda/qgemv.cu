@@ -677,6 +677,10 @@ struct GemvPlan {
   size_t shared;
 };
 
+// Shared memory a block takes besides its dynamic share: the runtime's 1 KB reserve and the static arrays
+// (144 bytes on sm_90: store_tile_sumsq's and settle_shared_tiles')
+constexpr int kBlockSharedReserve = 1024 + 256;
+
 struct DeviceInfo {
   int multiprocessors = 1, shared_per_multiprocessor = 0;
 };
@@ -707,7 +711,7 @@ GemvPlan plan_gemv(const QLayer& L, int batch, int target_blocks) {
 // together.
 void fit_device(GemvPlan& p, int batch, int target_blocks, int max_bits, const DeviceInfo& d) {
   const int blocks = std::max(1, ceil_div(target_blocks, d.multiprocessors));
-  const int budget = d.shared_per_multiprocessor / blocks - 1024 - 64;  // the runtime's reserve, static shared
+  const int budget = d.shared_per_multiprocessor / blocks - kBlockSharedReserve;
   const int fixed = SharedLayout(batch, p.x_slots, 0, max_bits).total;
   const int per_stage = kWarps * SharedLayout::slot_bytes(max_bits);
   p.stages = std::max(kMinStages, std::min(kMaxStages, (budget - fixed) / per_stage));
