@@ -805,8 +805,9 @@ def merge_runs(paths: list[Path], out: Path) -> None:
     result: dict = {}
     for r in runs:
         result = merged(result, r)
-    result["provenance"] = [f"{', '.join(r.get('parts', ['?']))} at {r.get('commit', '?')} on {r.get('date')}"
-                            for r in runs]
+    result["provenance"] = [entry for r in runs  # a merged file's own provenance carries over
+                            for entry in r.get("provenance") or
+                            [f"{', '.join(r.get('parts', ['?']))} at {r.get('commit', '?')} on {r.get('date')}"]]
     for key in ("parts", "commit"):
         result.pop(key, None)
     failed = sorted({part for i, r in enumerate(runs) for part in r.get("failed_parts", [])  # unless run again

@@ -106,7 +106,7 @@ def report(path: Path) -> None:
             "Standalone: a CUDA graph of 100 calls over two copies (median of the rounds).\n\n"
             + markdown_table(["items a block", "blocks", "decode graph ms a token (rounds)", "head alone µs",
                               "head alone TB/s"], rows))
-    write_section("gpu_head_grid", body, "bench/gpu_head_grid.py")
+    write_section("gpu_head_grid", body)
 
 
 def main() -> None:
