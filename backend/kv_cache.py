@@ -58,3 +58,9 @@ class KVCache:
 
     def advance(self, new_tokens: int) -> None:
         self.length += new_tokens
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` slots and forget the rest (the next tokens overwrite them): a rewind."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a KV cache of {self.length} slots to {length}")
+        self.length = length

@@ -489,10 +489,12 @@ def moe_text(r: dict) -> str:
 DECODE_ROUNDS = 5  # a decode figure is the median of this many rounds
 
 
-def median_tok_s(one_token, tokens: int, rounds: int = DECODE_ROUNDS) -> float:
-    """Tokens per second of `tokens` calls of one_token() (each ends in a host sync), median of `rounds`."""
+def median_tok_s(one_token, tokens: int, rewind, rounds: int = DECODE_ROUNDS) -> float:
+    """Tokens per second of `tokens` calls of one_token() (each ends in a host sync), median of `rounds`,
+    each after rewind() (untimed) has set the sequence back to where the first round started."""
     results = []
     for _ in range(rounds):
+        rewind()
         start = time.perf_counter()
         for _ in range(tokens):
             one_token()
@@ -505,8 +507,9 @@ def measure_model(model, context: int, decode_tokens: int = 128, fused: bool = T
     every token (as ExLlamaV2's test_inference -s measures): one graph replay per token, whose last kernel
     takes the argmax and sets up the next step on the GPU, then the token read; and, as before the graph
     did, the argmax taken by torch on the step's logits and the token written from the host
-    (host_argmax_tok_s); each the median of DECODE_ROUNDS rounds of `decode_tokens`. The cache holds
-    `cache_slots` slots, or just enough."""
+    (host_argmax_tok_s); each the median of DECODE_ROUNDS rounds of `decode_tokens`, every round from
+    `context` tokens (the cache rewound between rounds). The cache holds `cache_slots` slots, or just
+    enough."""
     import torch
     from trimtab.backend.cuda_decode import CudaGraphDecoder
 
@@ -515,7 +518,7 @@ def measure_model(model, context: int, decode_tokens: int = 128, fused: bool = T
     vocab = model.args.vocab_size
     tokens = torch.randint(0, vocab, (1, context), device="cuda")
     prefill = []
-    slots = max(cache_slots, context + 2 * DECODE_ROUNDS * decode_tokens + 16)
+    slots = max(cache_slots, context + decode_tokens + 16)
     for _ in range(3):
         cache = model.new_cache(1, slots)
         torch.cuda.synchronize()
@@ -524,10 +527,15 @@ def measure_model(model, context: int, decode_tokens: int = 128, fused: bool = T
         torch.cuda.synchronize()
         prefill.append(time.perf_counter() - start)
     cache = model.new_cache(1, slots)
-    logits = decoder.prefill(tokens[:, :context - 1], cache)
-    token = int(logits.argmax())
+    first = int(decoder.prefill(tokens[:, :context - 1], cache).argmax())
     for _ in range(4):  # capture and warm-up
-        token = int(decoder.step(token, cache).argmax())
+        decoder.step(first, cache)
+    token = first
+
+    def rewind() -> None:  # back to `context` tokens: the prompt and its first token decoded (untimed)
+        nonlocal token
+        cache.truncate(context - 1)
+        token = int(decoder.step(first, cache).argmax())
 
     def greedy_on_gpu() -> None:
         decoder.step(None, cache)
@@ -537,8 +545,10 @@ def measure_model(model, context: int, decode_tokens: int = 128, fused: bool = T
         nonlocal token
         token = int(decoder.step(token, cache).argmax())
 
-    decode, host_argmax = (median_tok_s(one_token, decode_tokens) for one_token in (greedy_on_gpu, argmax_on_host))
+    decode, host_argmax = (median_tok_s(one_token, decode_tokens, rewind)
+                           for one_token in (greedy_on_gpu, argmax_on_host))
     # the graph alone (no host sync between steps): what the GPU needs per token
+    rewind()
     start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start_event.record()
     for _ in range(8):

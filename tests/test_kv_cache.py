@@ -35,3 +35,13 @@ def test_positions_skip_each_rows_padding():
     assert cache.positions(3).tolist() == [[0, 1, 2], [0, 0, 0]]
     cache.advance(3)
     assert cache.positions(2).tolist() == [[3, 4], [1, 2]]
+
+
+def test_truncate_rewinds_and_refuses_to_grow():
+    cache = new_cache()
+    cache.advance(5)
+    cache.truncate(2)
+    assert cache.length == 2 and cache.slots(3).tolist() == [2, 3, 4]
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match=f"cannot truncate a KV cache of 2 slots to {bad}"):
+            cache.truncate(bad)
