@@ -6,6 +6,8 @@
                                                # (the model's dtype, overwritten by the next step)
     logits = decoder.step(None, cache)         # greedy: the token is the last step's argmax, already on the device
     token = int(decoder.greedy_token)          # that argmax ([1, 1] int64 on the device)
+    for token in decoder.greedy_tokens(token, cache):  # greedy, pipelined: each step queued before the
+        ...                                            # last one's token is read (break: the cache rewinds)
 
 Op by op, a decode step is about 36 kernels a layer (RMSNorm, the q/k/v/o and MLP GEMVs, rotary,
 the KV write, SDPA, casts and adds); launched one by one from Python that costs more host time than
@@ -24,12 +26,15 @@ host sync and stays in the graph. The graph reads the token and the position fro
 attends over the whole static cache under a mask built from the position, writes the logits into a
 static tensor (valid until the next step), and ends by writing the next step's inputs itself: the
 logits' argmax as the token and the position + 1, so greedy decoding replays the graph and reads one
-int per token (host time per token, measured on an H100: docs/CUDA.md). A new cache object is
+int per token (host time per token, measured on an H100: docs/CUDA.md); `greedy_tokens` queues each
+replay before it reads the token of the one before, so the GPU never waits for the host. A new cache object is
 captured anew. Batch 1, full or sliding-window attention, HF (non-interleaved) rotary. Under tensor
 parallelism each rank captures its share of every layer and the two all-reduces of a layer (NCCL,
 captured into the graph); the residual adds then follow the all-reduce instead of riding in the GEMV.
 """
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -150,10 +155,48 @@ class CudaGraphDecoder:
             raise TrimtabError("no greedy token yet: it is the argmax of the last decode step's logits")
         return self.token
 
+    def greedy_tokens(self, token: int, cache: KVCache) -> Iterator[int]:
+        """Greedy decoding from `token` (fed into slot cache.length): yields each step's argmax. Pipelined:
+        a step's replay is queued before the token of the step before is read, so the GPU does not wait for
+        the host between tokens. Closing the generator (`contextlib.closing`, or the end of a `for` over it
+        that runs to exhaustion: it runs until the cache is full) forgets the step queued past the last token
+        taken: the cache then holds `token` and every token taken but the last, as step() by step() would
+        leave it. NaN logits raise TrimtabError, as the sampler does."""
+        pinned = torch.empty(2, 2, dtype=torch.int64, pin_memory=True)  # [step % 2, (argmax, is NaN)]
+        landed = [torch.cuda.Event(), torch.cuda.Event()]
+        launched = taken = 0
+
+        def launch(fed: int | None) -> None:
+            nonlocal launched
+            self.step(fed, cache)
+            pinned[launched % 2].copy_(self.greedy_out, non_blocking=True)
+            landed[launched % 2].record()
+            launched += 1
+
+        launch(token)
+        try:
+            while taken < launched:
+                if cache.length < cache.max_len:
+                    launch(None)      # queued behind the step whose token is read next
+                landed[taken % 2].synchronize()
+                argmax, is_nan = pinned[taken % 2].tolist()
+                if is_nan:
+                    raise TrimtabError("the decode step's logits hold NaN (the model's weights or activations "
+                                       "overflowed): no token can be chosen")
+                taken += 1
+                yield argmax
+        finally:
+            torch.cuda.current_stream(self.model.device).synchronize()
+            if launched > taken:  # steps past the last token taken: their slots are forgotten
+                cache.truncate(cache.length - (launched - taken))
+                self.greedy_ready = False
+
     def _capture(self, cache: KVCache) -> None:
         device = self.model.device
         self.cache, self.graph = None, None
-        self.token = torch.zeros(1, 1, dtype=torch.int64, device=device)      # the step's token: input, then argmax
+        # the step's token (input, then argmax) and whether that argmax is NaN (so some logit is): [2] int64
+        self.greedy_out = torch.zeros(2, dtype=torch.int64, device=device)
+        self.token = self.greedy_out[:1].view(1, 1)                          # [1, 1]
         self.position = torch.zeros(1, dtype=torch.int64, device=device)     # the step's slot: input, then + 1
         self.graph_position, self.greedy_ready = None, False                # the warm-up below moves both
         if self.fused:
@@ -181,9 +224,10 @@ class CudaGraphDecoder:
         the next step: token ← argmax(logits), position + 1."""
         logits = self._fused_step_ops(cache) if self.fused else self._torch_step_ops(cache)  # [V]
         if self.fused:
-            cuda_ops.greedy_next(logits, self.token, self.position, self.greedy_state)
+            cuda_ops.greedy_next(logits, self.greedy_out, self.position, self.greedy_state)
         else:
-            self.token.copy_(logits.argmax().view(1, 1))
+            best = logits.argmax().view(1)                 # NaN ranks first: the argmax is NaN where any logit is
+            self.greedy_out.copy_(torch.cat([best, logits.gather(0, best).isnan().to(torch.int64)]))
             self.position.add_(1)
         return logits
 

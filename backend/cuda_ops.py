@@ -138,8 +138,9 @@ def decode_attention(q, k, v, keys, values, position, first_slot, inv_freq, rota
 
 def greedy_next(logits: torch.Tensor, token: torch.Tensor, position: torch.Tensor, state: torch.Tensor) -> None:
     """The next decode step's inputs from this step's logits [V] (float16, bfloat16 or float32), on the
-    device, in one kernel: token [1] ← the first index of the largest logit (as torch.argmax), position [1]
-    += 1. state: two int64 zeros of the kernel's own (new_greedy_state), zeros again after each call."""
+    device, in one kernel: token [1] ← the first index of the largest logit (as torch.argmax), or token [2]
+    ← that index and 1 where that logit (so some logit) is NaN, else 0; position [1] += 1. state: two int64
+    zeros of the kernel's own (new_greedy_state), zeros again after each call."""
     load_extension()
     with _as_trimtab_error():
         torch.ops.trimtab_cuda.greedy_next(logits, token, position, state)

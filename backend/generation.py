@@ -7,6 +7,7 @@ monitor, `max_new_tokens` — and a cancel event ends them all.
 from __future__ import annotations
 
 import threading
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -115,6 +116,25 @@ class Generation:
             reply.finish = "degenerate"
         return piece
 
+    def _argmax_on_gpu(self, sampler: Sampler, cache: KVCache) -> bool:
+        """Whether every token from here is the argmax of the logits as they come (greedy, nothing changes
+        a logit, EOS allowed from the next token on) and the model's CUDA graph decoder runs this cache: then
+        the GPU picks the tokens itself (_greedy_steps)."""
+        model = self.model
+        return (getattr(model, "cuda_decoder", None) is not None and cache.batch_size == 1 and not model.tp.active
+                and sampler.takes_argmax(allow_eos=self.settings.min_new_tokens <= 1))
+
+    def _greedy_steps(self, cache: KVCache, token: int, steps: int) -> Iterator[list[int]]:
+        """Up to `steps` greedy tokens after `token`, chosen on the GPU at the end of each decode graph and
+        read while the next step runs (CudaGraphDecoder.greedy_tokens): no logits reach the host."""
+        with closing(self.model.cuda_decoder.greedy_tokens(token, cache)) as tokens:
+            for _, token in zip(range(steps), tokens):
+                if self.cancel.is_set():
+                    return
+                yield [token]
+                if self._replies[0].finish is not None:
+                    return
+
     def _token_steps(self) -> Iterator[list[int]]:
         """Sample every row's next token until all rows end, max_new_tokens, or cancel."""
         settings, model = self.settings, self.model
@@ -138,5 +158,8 @@ class Generation:
             history[:, length] = tokens
             yield tokens.tolist()
             if all(reply.finish is not None for reply in self._replies) or step == self.max_new_tokens - 1:
+                return
+            if step == 0 and self._argmax_on_gpu(sampler, cache):
+                yield from self._greedy_steps(cache, int(tokens[0]), self.max_new_tokens - 1)
                 return
             logits = decode_one_token(model, cache, tokens)

@@ -191,6 +191,19 @@ class Sampler:
             return torch.zeros_like(scores).scatter_(-1, scores.argmax(dim=-1, keepdim=True), 1.0)
         return self.apply_filters(scores).softmax(dim=-1)
 
+    def takes_argmax(self, allow_eos: bool = True) -> bool:
+        """Whether the next token is the argmax of the logits as they come: greedy, and nothing changes a
+        logit (no bias, ban, EOS hold-off or penalty) — a token a GPU can pick without the host."""
+        s = self.settings
+        return (s.greedy and self._bias is None and self._bans is None and (allow_eos or not self._has_eos)
+                and not self._uses_range and s.no_repeat_ngram_size == 0)
+
+    @property
+    def _uses_range(self) -> bool:
+        """Whether a penalty looks at the tokens in the penalty range."""
+        s = self.settings
+        return s.repetition_penalty != 1 or s.presence_penalty != 0 or s.frequency_penalty != 0 or s.dry_multiplier > 0
+
     def apply_penalties(self, logits: Tensor, history: Tensor, history_mask: Tensor | None = None, *,
                         allow_eos: bool | Tensor = True) -> Tensor:
         """Steps 1-4 → float32 logits [B, V] (a new tensor; the input is left alone)."""
@@ -219,8 +232,7 @@ class Sampler:
         elif scores is logits:
             scores = scores.clone()
 
-        uses_range = (s.repetition_penalty != 1 or s.presence_penalty != 0 or s.frequency_penalty != 0
-                      or s.dry_multiplier > 0)
+        uses_range = self._uses_range
         if uses_range or s.no_repeat_ngram_size > 0:
             tokens, n_real = self._compact(history, history_mask, B)
             T = tokens.shape[1]

@@ -416,6 +416,75 @@ def test_greedy_steps_decode_the_previous_argmax():
 
 
 @needs_cuda
+@pytest.mark.parametrize("fused", [True, False], ids=["trimtab kernels", "torch ops"])
+def test_greedy_tokens_are_the_steps_argmaxes_and_rewind_when_closed(fused):
+    """greedy_tokens (pipelined: a step queued before the last one's token is read) yields what step()
+    by step() greedy decoding gives; closed early, the cache holds the tokens fed up to the last taken,
+    the step queued past it forgotten, and decoding goes on from there; run dry, it stops at a full cache."""
+    from contextlib import closing
+
+    model = small_llama(True, torch.float32, 64, None)
+    decoder = model.cuda_decoder
+    decoder.fused = decoder.fused and fused
+    tokens = torch.randint(0, 160, (1, 20), generator=torch.Generator().manual_seed(4)).cuda()
+    host_cache, cache = model.new_cache(1, 64), model.new_cache(1, 64)
+    for c in (host_cache, cache):
+        decoder.prefill(tokens, c)
+    host, token = [], 7
+    for _ in range(10):
+        token = int(decoder.step(token, host_cache).argmax())
+        host.append(token)
+    with closing(decoder.greedy_tokens(7, cache)) as stream:
+        taken = [t for _, t in zip(range(4), stream)]
+    assert taken == host[:4] and cache.length == 24   # 7 and the first 3 taken; the 4th is fed next
+    with closing(decoder.greedy_tokens(taken[-1], cache)) as stream:
+        taken += [t for _, t in zip(range(6), stream)]
+    assert taken == host and cache.length == 30
+    torch.testing.assert_close(cache.keys[1][:, :, :30], host_cache.keys[1][:, :, :30])
+    rest = list(decoder.greedy_tokens(taken[-1], cache))
+    assert len(rest) == 64 - 30 and cache.length == 64
+
+
+@needs_cuda
+def test_greedy_tokens_refuse_nan_logits():
+    """A model whose logits are NaN: greedy_tokens raises the sampler's kind of error, not a token."""
+    from trimtab.backend.errors import TrimtabError
+
+    model = small_llama(True, torch.float32, 64, None)
+    model.norm.weight.fill_(float("nan"))
+    cache = model.new_cache(1, 16)
+    model.cuda_decoder.prefill(torch.tensor([[1, 2, 3]], device="cuda"), cache)
+    with pytest.raises(TrimtabError, match="logits hold NaN"):
+        next(model.cuda_decoder.greedy_tokens(5, cache))
+
+
+@needs_cuda
+def test_greedy_generation_picks_tokens_on_the_gpu_as_the_sampler_would(tmp_path, monkeypatch):
+    """Greedy chat with nothing that changes a logit takes its tokens from greedy_tokens, and replies as the
+    sampler's loop (the GPU path turned off) does; a repetition penalty keeps the sampler's loop."""
+    pytest.importorskip("transformers")
+    import trimtab
+    from tiny_models import write_tiny_model_dir
+    from trimtab.backend import generation
+    from trimtab.backend.cuda_decode import CudaGraphDecoder
+
+    write_tiny_model_dir("llama", tmp_path)
+    model = trimtab.load(tmp_path, device="cuda")
+    prompt = [{"role": "user", "content": "w5 w6 w7"}]
+    streams = []
+    real = CudaGraphDecoder.greedy_tokens
+    monkeypatch.setattr(CudaGraphDecoder, "greedy_tokens", lambda *a: streams.append(a) or real(*a))
+    fast = model.chat(prompt, temperature=0, max_new_tokens=12)
+    assert len(streams) == 1
+    model.chat(prompt, temperature=0, max_new_tokens=12, repetition_penalty=1.1)
+    assert len(streams) == 1
+    monkeypatch.setattr(generation.Generation, "_argmax_on_gpu", lambda *a: False)
+    slow = model.chat(prompt, temperature=0, max_new_tokens=12)
+    assert fast.token_ids == slow.token_ids and len(fast.token_ids) > 1
+    assert fast.text == slow.text and fast.finish_reason == slow.finish_reason
+
+
+@needs_cuda
 @pytest.mark.parametrize("n", [1, 7, 1000, 128256, 300001])
 def test_greedy_next_is_torch_argmax(n):
     """The kernel's argmax against torch.argmax: random logits, a tie for the largest (the first index
@@ -439,6 +508,10 @@ def test_greedy_next_is_torch_argmax(n):
             calls += 1
             assert int(token) == int(logits.argmax()), f"{dtype}, case {i}"
             assert int(position) == 41 + calls and not state.any(), f"{dtype}, case {i}"
+            with_flag = torch.full((2,), -1, device="cuda")   # the argmax, and whether it (so any logit) is NaN
+            cuda_ops.greedy_next(logits, with_flag, position, state)
+            calls += 1
+            assert with_flag.tolist() == [int(logits.argmax()), int(logits.isnan().any())], f"{dtype}, case {i}"
 
 
 @needs_cuda
@@ -579,7 +652,8 @@ def test_graph_decoder_ops_match_model_forward(tmp_path):
 
     token = int(reference.argmax())
     reference = model.forward(torch.tensor([[token]]), reference_cache)[0, -1]
-    decoder.token, decoder.position = torch.tensor([[token]]), torch.tensor([cache.length])
+    decoder.greedy_out, decoder.position = torch.tensor([token, -1]), torch.tensor([cache.length])
+    decoder.token = decoder.greedy_out[:1].view(1, 1)
     decoder.slots = torch.arange(cache.max_len)
     position = cache.length
     with torch.inference_mode():
@@ -587,3 +661,4 @@ def test_graph_decoder_ops_match_model_forward(tmp_path):
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
     # the step ends by setting up the next one: the argmax as its token, the next slot as its position
     assert int(decoder.token) == int(logits.argmax()) and int(decoder.position) == position + 1
+    assert int(decoder.greedy_out[1]) == 0   # not NaN

@@ -686,3 +686,18 @@ def test_draw_never_picks_a_zero_probability_token_at_the_edges():
     for u in [0.0, 1e-300, 0.5, 1 - 1e-16, 0.999999999]:
         assert smp._draw(probs, u)[:2].tolist() == [0, V - 1]
         assert smp._draw(probs, u)[2].item() == (0 if u < 0.5 else V - 1)
+
+
+@pytest.mark.parametrize("change", [{}, {"temperature": 0.7}, {"repetition_penalty": 1.05}, {"presence_penalty": 0.1},
+                                    {"frequency_penalty": 0.1}, {"dry_multiplier": 0.8}, {"no_repeat_ngram_size": 3},
+                                    {"logit_bias": {4: 1.0}}, {"custom_token_bans": [4]}, {"ban_eos_token": True}])
+def test_takes_argmax_only_where_nothing_changes_a_logit(change):
+    """takes_argmax (the GPU may pick the token itself) is true exactly where the sampler's token is the
+    argmax of the raw logits: greedy, nothing banned, biased or penalised, EOS allowed."""
+    s = sampler(**{"temperature": 0, **change})
+    assert s.takes_argmax() == (not change)
+    logits, rows = make_logits(7, 4), make_rows(7)
+    history = torch.tensor([r[-9:] + [PAD_ID] * (9 - len(r[-9:])) for r in rows])
+    if s.takes_argmax():   # the claim itself
+        assert torch.equal(s(logits, history), logits.argmax(dim=-1))
+        assert not s.takes_argmax(allow_eos=False)   # an EOS hold-off changes the EOS logits

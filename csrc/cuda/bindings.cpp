@@ -370,11 +370,12 @@ void greedy_next(const Tensor& logits, Tensor token, Tensor position, Tensor sta
   for (const Tensor* t : {&token, &position, &state})
     TT_CHECK(t->is_cuda() && t->device() == logits.device() && t->scalar_type() == at::kLong && t->is_contiguous(), op,
              "token, position and state must be contiguous int64 tensors on the logits' device");
-  TT_CHECK(token.numel() == 1 && position.numel() == 1 && state.numel() == 2, op,
-           "token and position must hold one element, state two (zeros)");
-  check_cuda(trimtab_cuda::greedy_next(logits.data_ptr(), logits.numel(), code, token.data_ptr<int64_t>(),
-                                       position.data_ptr<int64_t>(), state.data_ptr(),
-                                       c10::cuda::getCurrentCUDAStream()), op);
+  TT_CHECK((token.numel() == 1 || token.numel() == 2) && position.numel() == 1 && state.numel() == 2, op,
+           "token must hold one element (the argmax) or two (and whether it is NaN), position one, state two (zeros)");
+  int64_t* argmax = token.data_ptr<int64_t>();
+  check_cuda(trimtab_cuda::greedy_next(logits.data_ptr(), logits.numel(), code, argmax,
+                                       token.numel() == 2 ? argmax + 1 : nullptr, position.data_ptr<int64_t>(),
+                                       state.data_ptr(), c10::cuda::getCurrentCUDAStream()), op);
 }
 
 int64_t attention_workspace(int64_t kv_heads, int64_t slots, int64_t head_dim) {

@@ -62,8 +62,9 @@ bool attention_supported(int head_dim, int group);
 cudaError_t decode_attention(const AttentionArgs& a, int dtype, cudaStream_t stream);
 
 // The next decode step's inputs from this step's logits [n] (n < 2^32) of `dtype`, on the device: token =
-// the first index of the largest logit (as torch.argmax), position += 1. state: 2 int64 of zeros, left zeroed.
-cudaError_t greedy_next(const void* logits, int64_t n, int dtype, int64_t* token, int64_t* position, void* state,
-                        cudaStream_t stream);
+// the first index of the largest logit (as torch.argmax), position += 1; is_nan (nullptr, or one int64) = 1
+// where that logit, and so some logit, is NaN, else 0. state: 2 int64 of zeros, left zeroed.
+cudaError_t greedy_next(const void* logits, int64_t n, int dtype, int64_t* token, int64_t* is_nan, int64_t* position,
+                        void* state, cudaStream_t stream);
 
 }  // namespace trimtab_cuda

@@ -523,7 +523,8 @@ cudaError_t launch_attention(const AttentionArgs& a, cudaStream_t stream) {
 // its best as one 64-bit key and puts it into state[0] by atomicMax; the last block to count itself
 // into state[1] turns the key into the token, advances the position and zeroes the state for the next
 // step. The key orders as (logit, −index): the first index of the largest logit wins, as torch.argmax;
-// a NaN logit, of either sign, outranks every number, as torch.argmax ranks it.
+// a NaN logit, of either sign, outranks every number, as torch.argmax ranks it, so the winner is NaN
+// exactly where any logit is (`is_nan`, where given, says so: the host need not read the logits).
 
 constexpr int kGreedyThreads = 256;
 constexpr int kGreedyBlocks = 64;
@@ -547,7 +548,8 @@ __device__ __forceinline__ unsigned long long warp_max_key(unsigned long long ke
 
 template <typename T>
 __global__ void __launch_bounds__(kGreedyThreads)
-greedy_next_kernel(const T* logits, int64_t n, int64_t* token, int64_t* position, unsigned long long* state) {
+greedy_next_kernel(const T* logits, int64_t n, int64_t* token, int64_t* is_nan, int64_t* position,
+                   unsigned long long* state) {
   __shared__ unsigned long long warp_best[kGreedyThreads / 32];
   const int64_t stride = int64_t(gridDim.x) * kGreedyThreads;
   unsigned long long best = 0;  // below every key of a number
@@ -575,6 +577,7 @@ greedy_next_kernel(const T* logits, int64_t n, int64_t* token, int64_t* position
       const unsigned long long key = atomicExch(&state[0], 0ull);
       state[1] = 0;
       *token = static_cast<int64_t>(~static_cast<unsigned>(key & 0xffffffffu));
+      if (is_nan != nullptr) *is_nan = (key >> 32) == 0xffffffffull;
       *position += 1;
     }
   }
@@ -644,17 +647,17 @@ cudaError_t decode_attention(const AttentionArgs& a, int dtype, cudaStream_t str
   }
 }
 
-cudaError_t greedy_next(const void* logits, int64_t n, int dtype, int64_t* token, int64_t* position, void* state,
-                        cudaStream_t stream) {
+cudaError_t greedy_next(const void* logits, int64_t n, int dtype, int64_t* token, int64_t* is_nan, int64_t* position,
+                        void* state, cudaStream_t stream) {
   const int blocks = std::max(1, int(std::min<int64_t>(kGreedyBlocks, (n + kGreedyThreads - 1) / kGreedyThreads)));
   auto* keys = static_cast<unsigned long long*>(state);
   switch (dtype) {
     case 0: greedy_next_kernel<<<blocks, kGreedyThreads, 0, stream>>>(static_cast<const half*>(logits), n, token,
-                                                                         position, keys); break;
+                                                                         is_nan, position, keys); break;
     case 1: greedy_next_kernel<<<blocks, kGreedyThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(logits), n,
-                                                                         token, position, keys); break;
+                                                                         token, is_nan, position, keys); break;
     default: greedy_next_kernel<<<blocks, kGreedyThreads, 0, stream>>>(static_cast<const float*>(logits), n, token,
-                                                                          position, keys); break;
+                                                                          is_nan, position, keys); break;
   }
   return cudaGetLastError();
 }
