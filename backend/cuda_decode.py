@@ -60,6 +60,11 @@ class CudaGraphDecoder:
         self.greedy_ready = False
         attn = model.layers[0].self_attn
         self.fused = cuda_ops.attention_supported(attn.head_dim, attn.num_heads // attn.num_kv_heads)
+        # greedy_tokens' landing places for two steps' (argmax, is NaN) and the events saying they landed:
+        # made once, so that no pinned block or event is freed (by the garbage collector, say) while a
+        # later graph is being captured
+        self.greedy_landing = torch.empty(2, 2, dtype=torch.int64, pin_memory=True)   # [step % 2, 2]
+        self.greedy_landed = [torch.cuda.Event(), torch.cuda.Event()]
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -161,9 +166,8 @@ class CudaGraphDecoder:
         the host between tokens. Closing the generator (`contextlib.closing`, or the end of a `for` over it
         that runs to exhaustion: it runs until the cache is full) forgets the step queued past the last token
         taken: the cache then holds `token` and every token taken but the last, as step() by step() would
-        leave it. NaN logits raise TrimtabError, as the sampler does."""
-        pinned = torch.empty(2, 2, dtype=torch.int64, pin_memory=True)  # [step % 2, (argmax, is NaN)]
-        landed = [torch.cuda.Event(), torch.cuda.Event()]
+        leave it. NaN logits raise TrimtabError, as the sampler does. One stream at a time per decoder."""
+        pinned, landed = self.greedy_landing, self.greedy_landed
         launched = taken = 0
 
         def launch(fed: int | None) -> None:

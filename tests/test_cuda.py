@@ -460,8 +460,9 @@ def test_greedy_tokens_refuse_nan_logits():
 
 @needs_cuda
 def test_greedy_generation_picks_tokens_on_the_gpu_as_the_sampler_would(tmp_path, monkeypatch):
-    """Greedy chat with nothing that changes a logit takes its tokens from greedy_tokens, and replies as the
-    sampler's loop (the GPU path turned off) does; a repetition penalty keeps the sampler's loop."""
+    """Greedy chat with nothing that changes a logit (DRY, on in the default preset, turned off) takes its
+    tokens from greedy_tokens, and replies as the sampler's loop (the GPU path turned off) does; a
+    repetition penalty keeps the sampler's loop."""
     pytest.importorskip("transformers")
     import trimtab
     from tiny_models import write_tiny_model_dir
@@ -474,12 +475,13 @@ def test_greedy_generation_picks_tokens_on_the_gpu_as_the_sampler_would(tmp_path
     streams = []
     real = CudaGraphDecoder.greedy_tokens
     monkeypatch.setattr(CudaGraphDecoder, "greedy_tokens", lambda *a: streams.append(a) or real(*a))
-    fast = model.chat(prompt, temperature=0, max_new_tokens=12)
+    greedy = dict(temperature=0, max_new_tokens=12, dry_multiplier=0)
+    fast = model.chat(prompt, **greedy)
     assert len(streams) == 1
-    model.chat(prompt, temperature=0, max_new_tokens=12, repetition_penalty=1.1)
+    model.chat(prompt, **greedy, repetition_penalty=1.1)
     assert len(streams) == 1
     monkeypatch.setattr(generation.Generation, "_argmax_on_gpu", lambda *a: False)
-    slow = model.chat(prompt, temperature=0, max_new_tokens=12)
+    slow = model.chat(prompt, **greedy)
     assert fast.token_ids == slow.token_ids and len(fast.token_ids) > 1
     assert fast.text == slow.text and fast.finish_reason == slow.finish_reason
 
