@@ -60,11 +60,6 @@ class CudaGraphDecoder:
         self.greedy_ready = False
         attn = model.layers[0].self_attn
         self.fused = cuda_ops.attention_supported(attn.head_dim, attn.num_heads // attn.num_kv_heads)
-        # greedy_tokens' landing places for two steps' (argmax, is NaN) and the events saying they landed:
-        # made once, so that no pinned block or event is freed (by the garbage collector, say) while a
-        # later graph is being captured
-        self.greedy_landing = torch.empty(2, 2, dtype=torch.int64, pin_memory=True)   # [step % 2, 2]
-        self.greedy_landed = [torch.cuda.Event(), torch.cuda.Event()]
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -167,30 +162,35 @@ class CudaGraphDecoder:
         that runs to exhaustion: it runs until the cache is full) forgets the step queued past the last token
         taken: the cache then holds `token` and every token taken but the last, as step() by step() would
         leave it. NaN logits raise TrimtabError, as the sampler does. One stream at a time per decoder."""
-        pinned, landed = self.greedy_landing, self.greedy_landed
+        device = self.model.device
+        kept, landed, reader = _greedy_reading(device)
         launched = taken = 0
 
         def launch(fed: int | None) -> None:
             nonlocal launched
             self.step(fed, cache)
-            pinned[launched % 2].copy_(self.greedy_out, non_blocking=True)
+            kept[launched % 2].copy_(self.greedy_out)   # before the next step overwrites it
             landed[launched % 2].record()
             launched += 1
+
+        def read(step: int) -> list[int]:  # waits for that step only, not for the one queued behind it
+            with torch.cuda.stream(reader):
+                reader.wait_event(landed[step % 2])
+                return kept[step % 2].tolist()
 
         launch(token)
         try:
             while taken < launched:
                 if cache.length < cache.max_len:
                     launch(None)      # queued behind the step whose token is read next
-                landed[taken % 2].synchronize()
-                argmax, is_nan = pinned[taken % 2].tolist()
+                argmax, is_nan = read(taken)
                 if is_nan:
                     raise TrimtabError("the decode step's logits hold NaN (the model's weights or activations "
                                        "overflowed): no token can be chosen")
                 taken += 1
                 yield argmax
         finally:
-            torch.cuda.current_stream(self.model.device).synchronize()
+            torch.cuda.current_stream(device).synchronize()
             if launched > taken:  # steps past the last token taken: their slots are forgotten
                 cache.truncate(cache.length - (launched - taken))
                 self.greedy_ready = False
@@ -296,6 +296,22 @@ class CudaGraphDecoder:
         q = q.view(1, attn.num_kv_heads, attn.num_heads // attn.num_kv_heads, attn.head_dim)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return attn.o_proj(out.reshape(1, 1, attn.num_heads * attn.head_dim))
+
+
+_GREEDY_READING: dict[torch.device, tuple] = {}
+
+
+def _greedy_reading(device: torch.device) -> tuple[torch.Tensor, list, torch.cuda.Stream]:
+    """What greedy_tokens reads tokens with on `device`: two steps' (argmax, is NaN) kept on the device
+    ([2, 2] int64), the events saying each is there, and a stream that copies one to the host once its event
+    has passed. One set per device for the process: no pinned memory (torch's pinned-memory cache queries
+    the events of its blocks' copies when it allocates, which a graph capture forbids) and nothing freed
+    while a later graph is being captured."""
+    if device not in _GREEDY_READING:
+        with torch.cuda.device(device):
+            _GREEDY_READING[device] = (torch.zeros(2, 2, dtype=torch.int64, device=device),
+                                       [torch.cuda.Event(), torch.cuda.Event()], torch.cuda.Stream(device))
+    return _GREEDY_READING[device]
 
 
 def unsupported(model) -> str | None:
