@@ -161,7 +161,8 @@ class CudaGraphDecoder:
         the host between tokens. Closing the generator (`contextlib.closing`, or the end of a `for` over it
         that runs to exhaustion: it runs until the cache is full) forgets the step queued past the last token
         taken: the cache then holds `token` and every token taken but the last, as step() by step() would
-        leave it. NaN logits raise TrimtabError, as the sampler does. One stream at a time per decoder."""
+        leave it. NaN logits raise TrimtabError, as the sampler does. One loop at a time per GPU (it reads
+        through one set of buffers per device: _greedy_reading)."""
         device = self.model.device
         kept, landed, reader = _greedy_reading(device)
         launched = taken = 0

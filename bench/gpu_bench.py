@@ -575,7 +575,8 @@ def measure_model(model, context: int, decode_tokens: int = 128, fused: bool = T
     torch.cuda.synchronize()
     graph_ms = start_event.elapsed_time(end_event) / 8
     return {"prefill_tok_s": context / sorted(prefill)[1], "decode_tok_s": decode, "step_sync_tok_s": step_sync,
-            "host_argmax_tok_s": host_argmax, "graph_step_ms": graph_ms, "decode_tokens": decode_tokens, "decode_rounds": DECODE_ROUNDS}
+            "host_argmax_tok_s": host_argmax, "graph_step_ms": graph_ms, "decode_tokens": decode_tokens,
+            "decode_rounds": DECODE_ROUNDS}
 
 
 LONG_CACHE = 32768  # slots of the long cache decode is also timed with

@@ -127,7 +127,8 @@ def test_gemv_of_a_very_large_layer_runs_more_blocks_than_fit_at_once():
     holds at once, each at most max_items_per_block items; the waves give the same y."""
     from trimtab.backend.quant.cuda_linear import CudaPackedLinear
 
-    one_wave = CudaPackedLinear.large_blocks_per_multiprocessor * torch.cuda.get_device_properties(0).multi_processor_count
+    multiprocessors = torch.cuda.get_device_properties(0).multi_processor_count
+    one_wave = CudaPackedLinear.large_blocks_per_multiprocessor * multiprocessors
     tiles = CudaPackedLinear.LARGE_LAYER_ITEMS * one_wave // 32 + 1        # × 32 chunks of 1024 inputs
     layer = random_layer(1024, tiles * 128, [4, 6], 128, seed=5)
     linear = CudaPackedLinear(layer, None, "cuda", torch.float16)
