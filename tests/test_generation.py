@@ -130,3 +130,55 @@ def test_dry_steers_greedy_decoding_out_of_a_loop(model):
     dry = model.chat(PROMPT, dry_multiplier=3.0, dry_base=2.0, dry_allowed_length=2, **loop)
     assert longest_run(dry.token_ids) < longest_run(plain.token_ids), (plain.text, dry.text)
     assert seq_rep_n(dry.token_ids, 4) < seq_rep_n(plain.token_ids, 4)
+
+
+class ArgmaxOnHost:
+    """Stands in for the CUDA graph decoder on the CPU: greedy_tokens as step-by-step argmax through the
+    model's own forward, counting the loops it was asked for and the tokens they gave."""
+
+    def __init__(self, transformer):
+        self.transformer, self.loops, self.tokens = transformer, 0, 0
+
+    def greedy_tokens(self, token, cache):
+        import torch
+
+        self.loops += 1
+        t = self.transformer
+        while cache.length < cache.max_len:
+            t.cuda_decoder = None           # the forward's generic path, not this stand-in
+            try:
+                logits = t.forward(torch.tensor([[token]]), cache)[0, -1]
+            finally:
+                t.cuda_decoder = self
+            token = int(logits.argmax())
+            self.tokens += 1
+            yield token
+
+
+def test_greedy_generation_takes_argmax_tokens_from_the_graph_decoder(model):
+    """Where every token is the argmax of the logits (greedy, DRY off, no penalty), the generation loop
+    takes its tokens from the decoder's greedy_tokens (the GPU's pipelined loop) after the first: the same
+    reply as the sampler's loop, stop strings, EOS and max_new_tokens included; a cancel ends it."""
+    t = model.transformer
+    plain = greedy(model, dry_multiplier=0, ban_eos_token=False)
+    words = plain.text.split(" ")
+    assert len(words) >= 4, plain.text
+    stop = words[1][-1] + " " + words[2][:2]   # as test_stop_string_split_across_tokens_cuts_exactly cuts
+    cut = model.chat(PROMPT, temperature=0, max_new_tokens=12, dry_multiplier=0, stop=[stop])
+    stand_in = ArgmaxOnHost(t)
+    t.cuda_decoder = stand_in
+    try:
+        fast = greedy(model, dry_multiplier=0, ban_eos_token=False)
+        assert stand_in.loops == 1 and stand_in.tokens == len(fast.token_ids) - 1 + (fast.finish_reason == "eos")
+        assert (fast.token_ids, fast.text, fast.finish_reason) == (plain.token_ids, plain.text, plain.finish_reason)
+        fast_cut = model.chat(PROMPT, temperature=0, max_new_tokens=12, dry_multiplier=0, stop=[stop])
+        assert (fast_cut.text, fast_cut.finish_reason) == (cut.text, "stop_string") and stand_in.loops == 2
+        assert cut.text == plain.text[: plain.text.index(stop)]
+        stream = model.stream(PROMPT, temperature=0, max_new_tokens=10_000, dry_multiplier=0, guard="off",
+                              ban_eos_token=False)
+        for i, _ in enumerate(stream):
+            if i == 2:
+                stream.cancel()
+        assert i >= 2 and stream.completion.finish_reason == "cancelled" and stand_in.loops == 3
+    finally:
+        t.cuda_decoder = None
