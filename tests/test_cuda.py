@@ -107,8 +107,9 @@ def test_gemv_fuses_gate_and_residual(dtype, batch):
 @pytest.mark.parametrize("batch", [1, 2, 8])
 def test_gemv_any_grid(blocks, batch):
     """The GEMV's work cut into `blocks` runs of (tile, chunk) items: a block spanning several
-    tiles, a run wrapping round the chunks, tiles shared by many blocks — all give the same y."""
-    from trimtab.backend.quant.cuda_linear import CudaPackedLinear
+    tiles, a run wrapping round the chunks, tiles shared by many blocks — all give the same y, the same
+    bits on every call, and leave the workspace unwritten (every bit set) and the tile counters at 0."""
+    from trimtab.backend.quant.cuda_linear import CudaPackedLinear, SplitKWorkspace
 
     layer = random_layer(1000, 700, [2, 3, 4, 5, 6, 8], 128, perm=True, seed=blocks)
     linear = CudaPackedLinear(layer, None, "cuda", torch.float16)
@@ -116,9 +117,11 @@ def test_gemv_any_grid(blocks, batch):
     x = torch.randn(batch, 1000, device="cuda").half()
     residual = torch.randn(batch, 700, device="cuda").half()
     ref = residual.double() + x.double() @ qformat.dequantize(layer).cuda().double().t()
-    for _ in range(2):  # the second call finds the tile counters reset
-        y = linear.gemv(x, residual=residual)
-        assert float((y.double() - ref).norm() / ref.norm()) < 4e-3
+    ys = [linear.gemv(x, residual=residual) for _ in range(2)]  # the second finds the workspace as the first
+    assert float((ys[0].double() - ref).norm() / ref.norm()) < 4e-3
+    assert torch.equal(ys[0], ys[1])
+    workspace, counters = SplitKWorkspace.tensors(linear.device)
+    assert bool((workspace.view(torch.int32) == -1).all()) and not bool(counters.any())
 
 
 @needs_cuda

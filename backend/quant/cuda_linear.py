@@ -67,7 +67,9 @@ class SplitKWorkspace:
     """One workspace (partial sums of column tiles that GEMV blocks share) and tile counters per GPU,
     shared by every layer (kernels on one stream run one at a time). Layers reserve what they need
     before they run (reserve_gemv), so a CUDA graph's capture never sees it move. A larger
-    reservation replaces the pair but keeps the old one alive: a graph captured earlier still uses it."""
+    reservation replaces the pair but keeps the old one alive: a graph captured earlier still uses it.
+    The workspace starts with every bit set (qgemv.cu's kUnwritten: a slot not yet written), and every
+    GEMV leaves it so."""
 
     _per_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
     _replaced: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -80,7 +82,8 @@ class SplitKWorkspace:
             counters = max(counters, 0 if tiles is None else tiles.numel())
             if workspace is not None:
                 cls._replaced.append((workspace, tiles))
-            cls._per_device[device] = (torch.empty(floats, dtype=torch.float32, device=device),
+            unwritten = torch.full((floats,), -1, dtype=torch.int32, device=device).view(torch.float32)
+            cls._per_device[device] = (unwritten,
                                        torch.zeros(counters, dtype=torch.int32, device=device))
 
     @classmethod

@@ -328,6 +328,17 @@ __device__ __forceinline__ void gemv_chunk(const uint4* words, int max_bits, int
   }
 }
 
+// A workspace slot holds kUnwritten until its block writes its partial sums there (the workspace is
+// filled with it when allocated, and the block that adds the slot's sums writes it back): a NaN that
+// arithmetic never makes (its NaNs are 0x7fffffff), so a slot written holds any other bit pattern.
+constexpr uint32_t kUnwritten = 0xffffffffu;
+
+__device__ __forceinline__ float load_relaxed(const float* p) {  // from L2, every time (a poll)
+  float v;
+  asm volatile("ld.relaxed.gpu.global.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
+  return v;
+}
+
 // ---- the block's items -------------------------------------------------------------------------
 
 struct Block {
@@ -502,11 +513,12 @@ __device__ void finish_tile(const GemvArgs& a, const Block& blk, int tile, const
   if (whole && a.out.sumsq != nullptr) store_tile_sumsq<NB>(a, tile, sq);
 }
 
-// counter += 1 → its value before, as a release of what this block wrote before a __syncthreads (barriers
-// are cumulative) and an acquire of what the blocks that counted before wrote
-__device__ __forceinline__ int count_acq_rel(int* counter) {
+// counter += 1 → its value before. Relaxed: it orders nothing. The partial sums need no release before
+// it: the last block to count polls each of them until it is written (kUnwritten, below), so the count
+// goes out right behind the block's stores instead of waiting for them to be acknowledged.
+__device__ __forceinline__ int count_relaxed(int* counter) {
   int before;
-  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
+  asm volatile("atom.relaxed.gpu.global.add.s32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
   return before;
 }
 
@@ -518,11 +530,12 @@ __device__ __forceinline__ int last_block_of(const GemvArgs& a, int tile) {
   return ((tile + 1) * a.layer.chunks - 1) / a.items_per_block;
 }
 
-// The last block to finish a shared tile: every sharing block's partial sums, in block order
-// (deterministic), + bias + residual → y; the tile's counter reset for the next call (graph replay).
-// The partial sums are loaded kPartialBatch at a time (one memory latency for up to 16 blocks: a loop
-// of one load and one add each went out a few loads at a time).
+// The last block to count a shared tile: every sharing block's partial sums, in block order
+// (deterministic), as each arrives (polled kPartialBatch at a time until none is kUnwritten; written back
+// to kUnwritten once read, for the next call), + bias + residual → y; the tile's counter reset for the
+// next call (graph replay). One poll is usually all: the others' stores went out before their counts.
 constexpr int kPartialBatch = 16;
+constexpr long long kPollLimit = 1ll << 22;  // seconds: a slot never written is a bug (a trap), not a wait
 template <typename T, int NB>
 __device__ void add_partials(const GemvArgs& a, const Block& blk, int tile, const Addends<T, NB>& addends) {
   const int first = first_block_of(a, tile), last = last_block_of(a, tile);
@@ -531,19 +544,36 @@ __device__ void add_partials(const GemvArgs& a, const Block& blk, int tile, cons
   const int first_part = int64_t(first) * a.items_per_block < int64_t(tile) * a.layer.chunks ? 1 : 0;
   float sq[kTileSteps<NB>] = {};
   for_tile_outputs<NB>(tile, [&](int k, int b, int c, int col) {
-    if (col >= a.layer.out) return;
-    float s = addends.at(a, blk, tile, k, b, col);
+    const bool real = col < a.layer.out;
+    float s = real ? addends.at(a, blk, tile, k, b, col) : 0.0f;
     for (int j0 = first; j0 <= last; j0 += kPartialBatch) {
+      // block j's slot: kPartialSlots · NB · 128 floats past block j − 1's (the first block's maybe its second)
+      float* const row = a.workspace + (size_t(j0) * kPartialSlots * NB + b) * kWarpCols + c;
+      float* const first_slot = row + (j0 == first ? first_part * NB * kWarpCols : 0);
+      auto slot = [&](int u) { return u == 0 ? first_slot : row + u * kPartialSlots * NB * kWarpCols; };
       float p[kPartialBatch];
+      unsigned waiting = 0;
 #pragma unroll
       for (int u = 0; u < kPartialBatch; ++u) {
-        const int j = j0 + u, part = j == first ? first_part : 0;
-        p[u] = j <= last ? __ldcg(a.workspace + ((size_t(j) * kPartialSlots + part) * NB + b) * kWarpCols + c) : 0.0f;
+        p[u] = 0.0f;
+        if (j0 + u <= last) waiting |= 1u << u;
+      }
+      for (long long polls = 0; waiting != 0; ++polls) {
+#pragma unroll
+        for (int u = 0; u < kPartialBatch; ++u)
+          if (waiting >> u & 1u) p[u] = load_relaxed(slot(u));
+#pragma unroll
+        for (int u = 0; u < kPartialBatch; ++u)
+          if (__float_as_uint(p[u]) != kUnwritten) waiting &= ~(1u << u);
+        if (polls > kPollLimit) __trap();
       }
 #pragma unroll
-      for (int u = 0; u < kPartialBatch; ++u) s += p[u];  // + 0 past the last: the same sum
+      for (int u = 0; u < kPartialBatch; ++u) {
+        s += j0 + u <= last ? p[u] : 0.0f;  // + 0 past the last: the same sum
+        if (j0 + u <= last) __stcg(reinterpret_cast<unsigned*>(slot(u)), kUnwritten);
+      }
     }
-    sq[k] = store_output<T>(a, b, col, s);
+    if (real) sq[k] = store_output<T>(a, b, col, s);
   });
   if (threadIdx.x == 0) a.counters[tile] = 0;
   if (a.out.sumsq != nullptr) store_tile_sumsq<NB>(a, tile, sq);
@@ -560,9 +590,9 @@ __device__ void settle_shared_tiles(const GemvArgs& a, const Block& blk, const A
   if (threadIdx.x % 32 == 0 && threadIdx.x / 32 < kPartialSlots) {  // warp p counts slot p's tile
     const int p = threadIdx.x / 32, tile = p == 0 ? blk.first_tile : blk.last_tile;
     const bool shared = !blk.whole(tile, chunks) && (p == 0 || tile != blk.first_tile);
-    is_last[p] = shared && count_acq_rel(a.counters + tile) == last_block_of(a, tile) - first_block_of(a, tile);
+    is_last[p] = shared && count_relaxed(a.counters + tile) == last_block_of(a, tile) - first_block_of(a, tile);
   }
-  __syncthreads();  // the last count acquired every block's partial sums for the whole block
+  __syncthreads();  // is_last is the block's
   if (!is_last[0] && !is_last[1]) return;
   if (is_last[0]) add_partials<T, NB>(a, blk, blk.first_tile, addends);
   if (is_last[0] && is_last[1]) __syncthreads();  // store_tile_sumsq's shared memory is free again
