@@ -360,9 +360,8 @@ struct Block {
   __device__ bool whole(int tile, int chunks) const { return tile * chunks >= begin && (tile + 1) * chunks <= end; }
 };
 
-// A warp's walk over its block's items, as (tile, chunk): within each tile's run of the block,
-// chunks warp, warp + 8, ... from the run's start (every warp's items of a tile come before any of
-// the next tile's). Made from the block's tiles: no division.
+// A warp's walk over its block's items, as (tile, chunk): items begin + warp, begin + warp + 8, ...
+// (a warp's items of a tile come before any of its next tile's). Made from the block's tiles: no division.
 struct ItemCursor {
   int tile, chunk, run_end;  // run_end: the end of this tile's run (chunks)
   int last_tile, last_end, chunks;
@@ -375,9 +374,9 @@ struct ItemCursor {
     settle();
   }
   __device__ void settle() {
-    while (chunk >= run_end && tile < last_tile) {
+    while (chunk >= run_end && tile < last_tile) {  // run_end is `chunks` but in the last tile
       ++tile;
-      chunk = threadIdx.x / 32;
+      chunk -= chunks;
       run_end = tile == last_tile ? last_end : chunks;
     }
   }
@@ -485,17 +484,23 @@ __device__ void store_tile_sumsq(const GemvArgs& a, int tile, const float (&sq)[
   }
 }
 
-// The warps' sums for `tile` → y (a tile held whole), or this block's partial sums into its workspace
-// slot (a tile shared with other blocks, settled when the block's run ends: settle_shared_tiles).
-template <typename T, int NB>
-__device__ void finish_tile(const GemvArgs& a, const Block& blk, int tile, const float (&acc)[NB][4], float* red,
-                            const Addends<T, NB>& addends) {
-  const QLayer& L = a.layer;
+// This warp's sums of a tile into its share of red (no barrier: each warp writes its own)
+template <int NB>
+__device__ __forceinline__ void publish_warp_sums(const float (&acc)[NB][4], float* red) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
   for (int b = 0; b < NB; ++b)
     *reinterpret_cast<float4*>(red + (warp * NB + b) * kWarpCols + lane * 4) =
         make_float4(acc[b][0], acc[b][1], acc[b][2], acc[b][3]);
+}
+
+// The warps' sums for `tile`, published in red, → y (a tile held whole), or this block's partial sums
+// into its workspace slot (a tile shared with other blocks, settled when the block's run ends:
+// settle_shared_tiles).
+template <typename T, int NB>
+__device__ void finish_published_tile(const GemvArgs& a, const Block& blk, int tile, float* red,
+                                      const Addends<T, NB>& addends) {
+  const QLayer& L = a.layer;
   __syncthreads();
   const bool whole = blk.whole(tile, L.chunks);
   const int part = tile == blk.first_tile ? 0 : 1;
@@ -511,6 +516,13 @@ __device__ void finish_tile(const GemvArgs& a, const Block& blk, int tile, const
   });
   __syncthreads();  // red is free again
   if (whole && a.out.sumsq != nullptr) store_tile_sumsq<NB>(a, tile, sq);
+}
+
+template <typename T, int NB>
+__device__ __forceinline__ void finish_tile(const GemvArgs& a, const Block& blk, int tile, const float (&acc)[NB][4],
+                                            float* red, const Addends<T, NB>& addends) {
+  publish_warp_sums<NB>(acc, red);
+  finish_published_tile<T, NB>(a, blk, tile, red, addends);
 }
 
 // counter += 1 → its value before. Relaxed: it orders nothing. The partial sums need no release before
@@ -672,30 +684,45 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerMultiprocessor<NB>)
   });
   __syncthreads();
 
-  // 4. tile by tile: compute the oldest chunk in flight, then request the next into its slot
-  int ring_slot = 0;  // of chunk k: k mod stages
-  for (int tile = blk.first_tile; tile <= blk.last_tile; ++tile) {
-    float acc[NB][4];
+  // 4. item by item: compute the oldest chunk in flight, then request the next into its slot. A run is at
+  // most a tile's chunks, so it touches one or two tiles, and no barrier comes before its end: each warp
+  // computes its ceil(items / 8) wherever the boundary falls (a barrier there made it the two tiles'
+  // ceils: 2 + 3 for 10 + 17 items). A warp's first-tile sums go to red when it reaches the second tile.
+  float acc[NB][4];
+  auto clear = [&] {
 #pragma unroll
     for (int b = 0; b < NB; ++b)
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[b][c] = 0.0f;
-    for (; cur.valid() && cur.tile == tile; cur.next()) {
-      cp_async_wait_all_but(a.stages - 1);  // this chunk has landed: only the stages - 1 requests after it fly
-      const int slot = blk.slot_of(cur.chunk, chunks);
-      uint4* mine = ring + ring_slot * slot_uint4s;
-      with_width(meta[slot].y, [&](auto width) {
-        gemv_chunk<NB, decltype(width)::bits>(mine, a.out.max_bits, slot, a.x_slots, xs, acc);
-      });
-      if (ahead.valid()) {  // the slot's words are in registers: it takes the chunk stages ahead
-        request_item(a, blk, ahead, meta, mine);
-        ahead.next();
-      }
-      cp_async_commit();
-      ring_slot = ring_slot + 1 == a.stages ? 0 : ring_slot + 1;
+  };
+  clear();
+  bool published = false;  // this warp's sums of the first tile
+  int ring_slot = 0;       // of chunk k: k mod stages
+  for (; cur.valid(); cur.next()) {
+    if (!published && cur.tile != blk.first_tile) {
+      publish_warp_sums<NB>(acc, red);
+      clear();
+      published = true;
     }
-    finish_tile<T, NB>(a, blk, tile, acc, red, addends);
+    cp_async_wait_all_but(a.stages - 1);  // this chunk has landed: only the stages - 1 requests after it fly
+    const int slot = blk.slot_of(cur.chunk, chunks);
+    uint4* mine = ring + ring_slot * slot_uint4s;
+    with_width(meta[slot].y, [&](auto width) {
+      gemv_chunk<NB, decltype(width)::bits>(mine, a.out.max_bits, slot, a.x_slots, xs, acc);
+    });
+    if (ahead.valid()) {  // the slot's words are in registers: it takes the chunk stages ahead
+      request_item(a, blk, ahead, meta, mine);
+      ahead.next();
+    }
+    cp_async_commit();
+    ring_slot = ring_slot + 1 == a.stages ? 0 : ring_slot + 1;
   }
+  if (!published) {
+    publish_warp_sums<NB>(acc, red);
+    clear();
+  }
+  finish_published_tile<T, NB>(a, blk, blk.first_tile, red, addends);
+  if (blk.last_tile != blk.first_tile) finish_tile<T, NB>(a, blk, blk.last_tile, acc, red, addends);
   asm volatile("cp.async.wait_all;");
   settle_shared_tiles<T, NB>(a, blk, addends);
 }
@@ -724,14 +751,16 @@ DeviceInfo current_device() {
   return d;
 }
 
-// About `target_blocks` blocks of equal runs of items, at least one chunk per warp, and few enough
-// chunks that a block's x fits kStageBytes (fit_device sizes the ring).
+// About `target_blocks` blocks of equal runs of items, at least one chunk per warp, at most a tile's
+// chunks (so a run touches two tiles at most), and few enough chunks that a block's x fits kStageBytes
+// (fit_device sizes the ring).
 GemvPlan plan_gemv(const QLayer& L, int batch, int target_blocks) {
   const int64_t items = int64_t(tiles_of(L)) * L.chunks;
   const int max_slots = std::max(kWarps, kStageBytes / (batch * kStageBytesPerChunkRow));
   int grid = std::max(1, std::min(target_blocks, ceil_div(items, kWarps)));
   int per_block = ceil_div(items, grid);
-  if (std::min(per_block, L.chunks) > max_slots) per_block = max_slots;
+  per_block = std::min(per_block, L.chunks);
+  if (per_block > max_slots) per_block = max_slots;
   grid = ceil_div(items, per_block);
   per_block = ceil_div(items, grid);  // the same grid, runs as even as can be
   return GemvPlan{grid, per_block, std::min(per_block, L.chunks), 0, 0};
