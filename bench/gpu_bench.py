@@ -11,9 +11,11 @@
 3. decode tokens/s (a CUDA graph per step, context 1024) and prefill of 1024 tokens for a
    Llama-3-8B-shaped model with random 4.0-bpw weights (backend/cuda_decode.py), against fp16 with
    CUDA graphs and against ExLlamaV2 end to end (its harness in bench/peers/, own process);
-4. greedy tokens of the GPU path against the CPU path on a quantized default model.
+4. greedy tokens of the GPU path against the CPU path on a quantized default model;
+5. sampled decode: the same model decoding as trimtab's generation loop does for every reply that is
+   not greedy, with the default preset's sampler on the GPU (`--parts sampled`).
 
-    python bench/gpu_bench.py [--parts check,gemv,exl2kernel,decode,exllamav2,greedy] [--quantized DIR]
+    python bench/gpu_bench.py [--parts check,gemv,groups,exl2kernel,decode,moe,sampled,exllamav2,greedy] [--quantized DIR]
         → gpu.json under $OUT (the device machine) or bench/results/
     python bench/gpu_bench.py --report bench/results/gpu.json   → BENCHMARKS.md section "gpu"
 
@@ -487,6 +489,66 @@ def moe_text(r: dict) -> str:
             f"op) {m['eager_decode_tok_s']:.1f} tok/s.")
 
 
+def sampled_tok_s(model, context: int, tokens: int, preset: str) -> float:
+    """Decode tok/s of `model` from `context` random tokens as Generation's loop runs a reply that is not
+    greedy (backend/generation.py, _token_steps): the preset's sampler on the model's device (penalties,
+    DRY and filters over the logits and the token history, the history and its mask copied from the host
+    each step), the token read by the host, then one decode step (model.forward: the model's CUDA graph,
+    its logits copied to float32). The median of DECODE_ROUNDS rounds of `tokens`, each from `context`."""
+    import torch
+    from trimtab.backend.generation import decode_one_token
+    from trimtab.backend.presets import load_preset
+    from trimtab.backend.sampling import Sampler
+    from trimtab.backend.settings import GenerationSettings
+
+    vocab, device = model.args.vocab_size, model.device
+    sampler = Sampler(GenerationSettings(**load_preset(preset)), vocab_size=vocab, eos_token_ids=[], device=device)
+    history = torch.randint(0, vocab, (1, context + tokens))                            # [1, T] on the host
+    mask = torch.ones_like(history, dtype=torch.bool)                                   # [1, T]
+    cache = model.new_cache(1, context + tokens + 8)
+    first = model.forward(history[:, :context].to(device), cache, last_only=True)[:, -1]  # [1, V] float32
+    torch.manual_seed(0)
+
+    def run(n: int) -> float:
+        logits = first
+        start = time.perf_counter()
+        for step in range(n):
+            length = context + step
+            token = sampler(logits, history[:, :length].to(device), mask[:, :length].to(device)).cpu()  # [1]
+            history[:, length] = token
+            logits = decode_one_token(model, cache, token)                                # [1, V]
+        return time.perf_counter() - start
+
+    return median_tok_s(run, tokens, lambda: cache.truncate(context))
+
+
+SAMPLED_PRESET = "balanced"  # the default preset (backend/presets.py DEFAULT_PRESET)
+
+
+def time_sampled(results: dict, context: int = 1024, tokens: int = 128) -> None:
+    import torch
+
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    wait_for_exllamav2_build()
+    model = llama3_8b_model(True)
+    results["sampled"] = {"preset": SAMPLED_PRESET, "context": context, "tokens": tokens,
+                          "decode_tok_s": sampled_tok_s(model, context, tokens, SAMPLED_PRESET)}
+    print(f"sampled: {results['sampled']}", flush=True)
+    del model
+    torch.cuda.empty_cache()
+
+
+def sampled_text(r: dict) -> str:
+    m = r.get("sampled")
+    if not m:
+        return ""
+    return (f"\n\nSampled decode (`--parts sampled`): the quantized model above decoding as trimtab's generation "
+            f"loop runs every reply that is not greedy, with the default preset '{m['preset']}' (penalties, DRY "
+            f"and filters as torch ops on the GPU over the logits and the token history, the token read by the "
+            f"host, then the decode graph), context {m['context']}, median of {DECODE_ROUNDS} rounds of "
+            f"{m['tokens']} tokens: {m['decode_tok_s']:.1f} tok/s.")
+
+
 DECODE_ROUNDS = 5  # a decode figure is the median of this many rounds
 
 
@@ -758,7 +820,7 @@ def report(path: Path) -> None:
         "trimtab's kernels too; 'torch ops': the same step and prefill through PyTorch ops (SDPA).\n\n"
         + markdown_table(["engine", "decode tok/s", "step + sync tok/s", "host argmax tok/s", "graph ms / token",
                                  "prefill 1024 tok/s"], engine_rows)
-        + moe_text(r)
+        + moe_text(r) + sampled_text(r)
     )
     if "greedy" in r:
         g = r["greedy"]
@@ -860,7 +922,7 @@ def main() -> None:
     parser.add_argument("--report", type=Path, help="render BENCHMARKS.md from this gpu.json and stop")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                         help="merge the gpu.json files of runs of --parts on one card into bench/results/gpu.json")
-    parser.add_argument("--parts", default="check,gemv,groups,exl2kernel,decode,moe,exllamav2,greedy")
+    parser.add_argument("--parts", default="check,gemv,groups,exl2kernel,decode,moe,sampled,exllamav2,greedy")
     parser.add_argument("--quantized", type=Path, default=PEERS / "smollm2_q3",
                         help="a trimtab-quantized dir for the greedy comparison")
     args = parser.parse_args()
@@ -889,6 +951,7 @@ def main() -> None:
              ("gemv", lambda: time_kernels(results)),
              ("groups", lambda: time_groups(results)),
              ("moe", lambda: time_moe(results)),
+             ("sampled", lambda: time_sampled(results)),
              ("decode", lambda: time_end_to_end(results)),
              ("greedy", lambda: compare_greedy(results, args.quantized)),
              ("exl2kernel", lambda: time_exllamav2_kernels(results)),
