@@ -107,9 +107,9 @@ def test_gemv_fuses_gate_and_residual(dtype, batch):
 @pytest.mark.parametrize("batch", [1, 2, 8])
 def test_gemv_any_grid(blocks, batch):
     """The GEMV's work cut into about `blocks` runs of (tile, chunk) items (at most a tile's chunks each):
-    a block spanning two tiles, a run wrapping round the chunks, tiles shared by many blocks, warps with
-    no items — all give the same y, the same
-    bits on every call, and leave the workspace unwritten (every bit set) and the tile counters at 0."""
+    a block spanning two tiles, a run wrapping round the chunks, tiles shared by many blocks — all give the
+    same y, the same bits on every call, and leave the workspace unwritten (every bit set) and the tile
+    counters at 0."""
     from trimtab.backend.quant.cuda_linear import CudaPackedLinear, SplitKWorkspace
 
     layer = random_layer(1000, 700, [2, 3, 4, 5, 6, 8], 128, perm=True, seed=blocks)

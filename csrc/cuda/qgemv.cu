@@ -40,7 +40,7 @@ struct GemvArgs {  // one layer's share of a launch
   float* workspace;      // [blocks, kPartialSlots, batch, 128] partial sums of shared tiles
   int* counters;         // [tiles] blocks done with a shared tile (reset by the last)
   int items_per_block;   // (tile, chunk) items; the last block may have fewer
-  int x_slots;           // chunks of x a block stages: min(items_per_block, chunks)
+  int x_slots;           // chunks of x a block stages: items_per_block (a run is at most a tile's chunks)
   int stages;            // ring depth, kMinStages..kMaxStages; a ring slot holds max_bits word rows + scales
 };
 
@@ -763,7 +763,7 @@ GemvPlan plan_gemv(const QLayer& L, int batch, int target_blocks) {
   if (per_block > max_slots) per_block = max_slots;
   grid = ceil_div(items, per_block);
   per_block = ceil_div(items, grid);  // the same grid, runs as even as can be
-  return GemvPlan{grid, per_block, std::min(per_block, L.chunks), 0, 0};
+  return GemvPlan{grid, per_block, per_block, 0, 0};  // x_slots: the run's chunks
 }
 
 // The deepest ring (kMinStages at least) that lets the blocks one multiprocessor gets fit it
