@@ -352,7 +352,7 @@ struct Block {
     end = min(begin + a.items_per_block, tiles_of(a.layer) * chunks);
     first_tile = begin / chunks;
     last_tile = (end - 1) / chunks;
-    first_chunk = a.items_per_block >= chunks ? 0 : begin - first_tile * chunks;
+    first_chunk = begin - first_tile * chunks;  // 0 for a run of a whole tile
   }
   __device__ int slot_of(int chunk, int chunks) const {
     return chunk >= first_chunk ? chunk - first_chunk : chunk - first_chunk + chunks;
