@@ -6,8 +6,9 @@
                                                # (the model's dtype, overwritten by the next step)
     logits = decoder.step(None, cache)         # greedy: the token is the last step's argmax, already on the device
     token = int(decoder.greedy_token)          # that argmax ([1, 1] int64 on the device)
-    for token in decoder.greedy_tokens(token, cache):  # greedy, pipelined: each step queued before the
-        ...                                            # last one's token is read (break: the cache rewinds)
+    for token in decoder.pipelined_tokens(token, cache):  # greedy, pipelined: each step queued before
+        ...                                               # the last one's token is read (break: the cache rewinds)
+    decoder.pipelined_tokens(token, cache, choose)        # the same, each token picked by choose on the device
 
 Op by op, a decode step is about 36 kernels a layer (RMSNorm, the q/k/v/o and MLP GEMVs, rotary,
 the KV write, SDPA, casts and adds); launched one by one from Python that costs more host time than
@@ -26,7 +27,7 @@ host sync and stays in the graph. The graph reads the token and the position fro
 attends over the whole static cache under a mask built from the position, writes the logits into a
 static tensor (valid until the next step), and ends by writing the next step's inputs itself: the
 logits' argmax as the token and the position + 1, so greedy decoding replays the graph and reads one
-int per token (host time per token, measured on an H100: docs/CUDA.md); `greedy_tokens` queues each
+int per token (host time per token, measured on an H100: docs/CUDA.md); `pipelined_tokens` queues each
 replay before it reads the token of the one before, so the GPU never waits for the host. A new cache object is
 captured anew. Batch 1, full or sliding-window attention, HF (non-interleaved) rotary. Under tensor
 parallelism each rank captures its share of every layer and the two all-reduces of a layer (NCCL,
@@ -35,6 +36,7 @@ captured into the graph); the residual adds then follow the all-reduce instead o
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,17 @@ from trimtab.backend.errors import TrimtabError
 from trimtab.backend.kv_cache import KVCache
 from trimtab.backend.quant.cuda_linear import (CudaPackedLinear, RowNorm, gemv, routed_gemv, routes_gemv,
                                                shares_gemv, statistics_shape)
+
+
+class TokenChooser(Protocol):
+    """How pipelined_tokens picks a step's token when it is not the graph's argmax (generation.SamplingOnDevice)."""
+
+    def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """logits [V] of the loop's step `step` (0, 1, ...; overwritten by the next step) → [2] int64 on the
+        device: the token and its problem (0 for none), queued on the current stream without waiting for it."""
+
+    def error(self, problem: int) -> TrimtabError:
+        """The error for a nonzero problem."""
 
 
 class CudaGraphDecoder:
@@ -155,41 +168,47 @@ class CudaGraphDecoder:
             raise TrimtabError("no greedy token yet: it is the argmax of the last decode step's logits")
         return self.token
 
-    def greedy_tokens(self, token: int, cache: KVCache) -> Iterator[int]:
-        """Greedy decoding from `token` (fed into slot cache.length): yields each step's argmax. Pipelined:
-        a step's replay is queued before the token of the step before is read, so the GPU does not wait for
-        the host between tokens. Closing the generator (`contextlib.closing`, or the end of a `for` over it
-        that runs to exhaustion: it runs until the cache is full) forgets the step queued past the last token
-        taken: the cache then holds `token` and every token taken but the last, as step() by step() would
-        leave it. NaN logits raise TrimtabError, as the sampler does. One loop at a time per GPU (it reads
-        through one set of buffers per device: _greedy_reading)."""
+    def pipelined_tokens(self, token: int, cache: KVCache, choose: TokenChooser | None = None) -> Iterator[int]:
+        """Decoding from `token` (fed into slot cache.length): yields each step's next token, the argmax of its
+        logits chosen inside the graph (greedy) or, given `choose`, what choose(logits, step) picks on the device
+        behind the step (the sampler: generation.SamplingOnDevice). Pipelined: a step's replay (and its choice)
+        is queued before the token of the step before is read, so the GPU does not wait for the host between
+        tokens. Closing the generator (`contextlib.closing`, or the end of a `for` over it that runs to
+        exhaustion: it runs until the cache is full) forgets the step queued past the last token taken: the
+        cache then holds `token` and every token taken but the last, as step() by step() would leave it. A
+        token with a problem (NaN logits; for `choose`, what its `error` says) raises TrimtabError instead. One
+        loop at a time per GPU (it reads through one set of buffers per device: _pipeline_reading)."""
         device = self.model.device
-        kept, landed, reader = _greedy_reading(device)
+        kept, landed, reader = _pipeline_reading(device)
         launched = taken = 0
 
-        def launch(fed: int | None) -> None:
+        def launch(fed: int | torch.Tensor | None) -> torch.Tensor | None:
+            """Queue a step and its choice → the chosen token on the device, which the next step reads."""
             nonlocal launched
-            self.step(fed, cache)
-            kept[launched % 2].copy_(self.greedy_out)   # before the next step overwrites it
+            logits = self.step(fed, cache)                                         # [V]
+            chosen = self.greedy_out if choose is None else choose(logits, launched)  # [2] (token, problem)
+            kept[launched % 2].copy_(chosen)   # before the next step overwrites it
             landed[launched % 2].record()
             launched += 1
+            return None if choose is None else chosen[:1]
 
         def read(step: int) -> list[int]:  # waits for that step only, not for the one queued behind it
             with torch.cuda.stream(reader):
                 reader.wait_event(landed[step % 2])
                 return kept[step % 2].tolist()
 
-        launch(token)
+        fed = launch(token)
         try:
             while taken < launched:
                 if cache.length < cache.max_len:
-                    launch(None)      # queued behind the step whose token is read next
-                argmax, is_nan = read(taken)
-                if is_nan:
-                    raise TrimtabError("the decode step's logits hold NaN (the model's weights or activations "
-                                       "overflowed): no token can be chosen")
+                    fed = launch(fed)      # queued behind the step whose token is read next
+                chosen, problem = read(taken)
+                if problem:
+                    raise (choose.error(problem) if choose is not None else TrimtabError(
+                        "the decode step's logits hold NaN (the model's weights or activations overflowed): "
+                        "no token can be chosen"))
                 taken += 1
-                yield argmax
+                yield chosen
         finally:
             torch.cuda.current_stream(device).synchronize()
             if launched > taken:  # steps past the last token taken: their slots are forgotten
@@ -299,20 +318,20 @@ class CudaGraphDecoder:
         return attn.o_proj(out.reshape(1, 1, attn.num_heads * attn.head_dim))
 
 
-_GREEDY_READING: dict[torch.device, tuple] = {}
+_PIPELINE_READING: dict[torch.device, tuple] = {}
 
 
-def _greedy_reading(device: torch.device) -> tuple[torch.Tensor, list, torch.cuda.Stream]:
-    """What greedy_tokens reads tokens with on `device`: two steps' (argmax, is NaN) kept on the device
+def _pipeline_reading(device: torch.device) -> tuple[torch.Tensor, list, torch.cuda.Stream]:
+    """What pipelined_tokens reads tokens with on `device`: two steps' (token, problem) kept on the device
     ([2, 2] int64), the events saying each is there, and a stream that copies one to the host once its event
     has passed. One set per device for the process: no pinned memory (torch's pinned-memory cache queries
     the events of its blocks' copies when it allocates, which a graph capture forbids) and nothing freed
     while a later graph is being captured."""
-    if device not in _GREEDY_READING:
+    if device not in _PIPELINE_READING:
         with torch.cuda.device(device):
-            _GREEDY_READING[device] = (torch.zeros(2, 2, dtype=torch.int64, device=device),
+            _PIPELINE_READING[device] = (torch.zeros(2, 2, dtype=torch.int64, device=device),
                                        [torch.cuda.Event(), torch.cuda.Event()], torch.cuda.Stream(device))
-    return _GREEDY_READING[device]
+    return _PIPELINE_READING[device]
 
 
 def unsupported(model) -> str | None:

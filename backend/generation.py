@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 import torch
 
 from trimtab.backend.completion import Completion, Usage
+from trimtab.backend.errors import TrimtabError
 from trimtab.backend.kv_cache import KVCache
 from trimtab.backend.models.base import Transformer
 from trimtab.backend.repetition import DegenerationMonitor
@@ -43,6 +44,32 @@ def prefill(model: Transformer, sequences: Sequence[Sequence[int]], max_len: int
 def decode_one_token(model: Transformer, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
     """tokens: [B] → logits of the following token [B, V]."""
     return model.forward(tokens[:, None].to(model.device), cache)[:, -1]
+
+
+class SamplingOnDevice:
+    """The sampler choosing each token of a batch-1 reply on the GPU behind the decode step that gives its
+    logits (a CudaGraphDecoder TokenChooser): the history stays on the device and grows there, and nothing
+    waits for the device, so the host queues the next step before it reads this one's token."""
+
+    def __init__(self, sampler: Sampler, history: torch.Tensor, max_new_tokens: int, min_new_tokens: int):
+        """history [1, T]: the prompt (checked) and the reply's first token, which the first step decodes;
+        the reply may grow to `max_new_tokens` tokens, EOS allowed once it holds `min_new_tokens`."""
+        self.sampler, self.min_new_tokens = sampler, min_new_tokens
+        self.length = history.shape[1]
+        self.history = torch.zeros(1, self.length + max_new_tokens, dtype=torch.int64, device=sampler.device)
+        self.history[:, :self.length] = history.to(sampler.device)
+
+    def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """logits [V] → [2] int64 on the device: the sampled token (now in the history) and its problem."""
+        tokens, problems = self.sampler.choose(logits[None], self.history[:, :self.length],
+                                               allow_eos=1 + step >= self.min_new_tokens,  # reply token 1 + step
+                                               history_checked=True)
+        self.history[:, self.length] = tokens
+        self.length += 1
+        return torch.cat([tokens, problems])
+
+    def error(self, problem: int) -> TrimtabError:
+        return Sampler.problem_error(problem, [0])
 
 
 @dataclass
@@ -116,18 +143,18 @@ class Generation:
             reply.finish = "degenerate"
         return piece
 
-    def _argmax_on_gpu(self, sampler: Sampler, cache: KVCache) -> bool:
-        """Whether every token from here is the argmax of the logits as they come (greedy, nothing changes
-        a logit, EOS allowed from the next token on) and the model's CUDA graph decoder runs this cache: then
-        the GPU picks the tokens itself (_greedy_steps)."""
+    def _pipelined(self, cache: KVCache) -> bool:
+        """Whether the model's CUDA graph decoder runs this cache: then the tokens after the first are chosen
+        on the GPU and read while the next step runs (_pipelined_steps)."""
         model = self.model
-        return (getattr(model, "cuda_decoder", None) is not None and cache.batch_size == 1 and not model.tp.active
-                and sampler.takes_argmax(allow_eos=self.settings.min_new_tokens <= 1))
+        return getattr(model, "cuda_decoder", None) is not None and cache.batch_size == 1 and not model.tp.active
 
-    def _greedy_steps(self, cache: KVCache, token: int, steps: int) -> Iterator[list[int]]:
-        """Up to `steps` greedy tokens after `token`, chosen on the GPU at the end of each decode graph and
-        read while the next step runs (CudaGraphDecoder.greedy_tokens): no logits reach the host."""
-        with closing(self.model.cuda_decoder.greedy_tokens(token, cache)) as tokens:
+    def _pipelined_steps(self, cache: KVCache, token: int, choose: SamplingOnDevice | None,
+                         steps: int) -> Iterator[list[int]]:
+        """Up to `steps` tokens after `token` from CudaGraphDecoder.pipelined_tokens: picked by `choose` (the
+        sampler on the GPU) or, where every token is the argmax of the logits as they come (None), by the
+        decode graph itself, so no logits reach the host."""
+        with closing(self.model.cuda_decoder.pipelined_tokens(token, cache, choose)) as tokens:
             for _, token in zip(range(steps), tokens):
                 if self.cancel.is_set():
                     return
@@ -159,7 +186,10 @@ class Generation:
             yield tokens.tolist()
             if all(reply.finish is not None for reply in self._replies) or step == self.max_new_tokens - 1:
                 return
-            if step == 0 and self._argmax_on_gpu(sampler, cache):
-                yield from self._greedy_steps(cache, int(tokens[0]), self.max_new_tokens - 1)
+            if step == 0 and self._pipelined(cache):
+                argmax = sampler.takes_argmax(allow_eos=settings.min_new_tokens <= 1)
+                choose = None if argmax else SamplingOnDevice(sampler, history[:, :length + 1], self.max_new_tokens,
+                                                              settings.min_new_tokens)
+                yield from self._pipelined_steps(cache, int(tokens[0]), choose, self.max_new_tokens - 1)
                 return
             logits = decode_one_token(model, cache, tokens)

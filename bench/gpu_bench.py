@@ -489,37 +489,54 @@ def moe_text(r: dict) -> str:
             f"op) {m['eager_decode_tok_s']:.1f} tok/s.")
 
 
-def sampled_tok_s(model, context: int, tokens: int, preset: str) -> float:
-    """Decode tok/s of `model` from `context` random tokens as Generation's loop runs a reply that is not
-    greedy (backend/generation.py, _token_steps): the preset's sampler on the model's device (penalties,
-    DRY and filters over the logits and the token history, the history and its mask copied from the host
-    each step), the token read by the host, then one decode step (model.forward: the model's CUDA graph,
-    its logits copied to float32). The median of DECODE_ROUNDS rounds of `tokens`, each from `context`."""
+def sampled_tok_s(model, context: int, tokens: int, preset: str) -> dict:
+    """Decode tok/s of `model` from `context` random tokens for a reply that is not greedy, with the preset's
+    sampler on the model's GPU (penalties, DRY and filters over the logits and the token history), as
+    Generation runs it (backend/generation.py): `pipelined` is a batch-1 reply's loop
+    (CudaGraphDecoder.pipelined_tokens with SamplingOnDevice: the history on the device, each step and its
+    sampling queued before the token of the one before is read); `step_by_step` is the loop every other
+    reply takes (a batch, or without the graph decoder): the sampler on the step's logits and the history
+    copied from the host, the token read, then the next step (model.forward: the graph, its logits cast to
+    float32). Each the median of DECODE_ROUNDS rounds of `tokens`, each from `context`."""
     import torch
-    from trimtab.backend.generation import decode_one_token
+    from trimtab.backend.generation import SamplingOnDevice, decode_one_token
     from trimtab.backend.presets import load_preset
     from trimtab.backend.sampling import Sampler
     from trimtab.backend.settings import GenerationSettings
 
     vocab, device = model.args.vocab_size, model.device
-    sampler = Sampler(GenerationSettings(**load_preset(preset)), vocab_size=vocab, eos_token_ids=[], device=device)
-    history = torch.randint(0, vocab, (1, context + tokens))                            # [1, T] on the host
+    settings = GenerationSettings(**load_preset(preset))
+    new_sampler = lambda: Sampler(settings, vocab_size=vocab, eos_token_ids=[], device=device)  # noqa: E731
+    history = torch.randint(0, vocab, (1, context + tokens + 1))                        # [1, T] on the host
     mask = torch.ones_like(history, dtype=torch.bool)                                   # [1, T]
     cache = model.new_cache(1, context + tokens + 8)
     first = model.forward(history[:, :context].to(device), cache, last_only=True)[:, -1]  # [1, V] float32
-    torch.manual_seed(0)
+    sampler = new_sampler()
+    history[:, context] = sampler(first, history[:, :context].to(device), mask[:, :context].to(device)).cpu()
 
-    def run(n: int) -> float:
-        logits = first
+    def rewind() -> None:
+        cache.truncate(context)
+
+    def pipelined(n: int) -> float:  # the clock stops at the last token read; closing drops the step queued past it
+        choose = SamplingOnDevice(new_sampler(), history[:, :context + 1], n + 1, 0)
+        with closing(model.cuda_decoder.pipelined_tokens(int(history[0, context]), cache, choose)) as stream:
+            start = time.perf_counter()
+            for _ in zip(range(n), stream):
+                pass
+            return time.perf_counter() - start
+
+    def step_by_step(n: int) -> float:
+        logits = decode_one_token(model, cache, history[0, context:context + 1])         # [1, V]
         start = time.perf_counter()
         for step in range(n):
-            length = context + step
+            length = context + 1 + step
             token = sampler(logits, history[:, :length].to(device), mask[:, :length].to(device)).cpu()  # [1]
             history[:, length] = token
-            logits = decode_one_token(model, cache, token)                                # [1, V]
+            logits = decode_one_token(model, cache, token)
         return time.perf_counter() - start
 
-    return median_tok_s(run, tokens, lambda: cache.truncate(context))
+    return {"decode_tok_s": median_tok_s(pipelined, tokens, rewind),
+            "step_by_step_tok_s": median_tok_s(step_by_step, tokens, rewind)}
 
 
 SAMPLED_PRESET = "balanced"  # the default preset (backend/presets.py DEFAULT_PRESET)
@@ -532,7 +549,7 @@ def time_sampled(results: dict, context: int = 1024, tokens: int = 128) -> None:
     wait_for_exllamav2_build()
     model = llama3_8b_model(True)
     results["sampled"] = {"preset": SAMPLED_PRESET, "context": context, "tokens": tokens,
-                          "decode_tok_s": sampled_tok_s(model, context, tokens, SAMPLED_PRESET)}
+                          **sampled_tok_s(model, context, tokens, SAMPLED_PRESET)}
     print(f"sampled: {results['sampled']}", flush=True)
     del model
     torch.cuda.empty_cache()
@@ -542,11 +559,14 @@ def sampled_text(r: dict) -> str:
     m = r.get("sampled")
     if not m:
         return ""
-    return (f"\n\nSampled decode (`--parts sampled`): the quantized model above decoding as trimtab's generation "
-            f"loop runs every reply that is not greedy, with the default preset '{m['preset']}' (penalties, DRY "
-            f"and filters as torch ops on the GPU over the logits and the token history, the token read by the "
-            f"host, then the decode graph), context {m['context']}, median of {DECODE_ROUNDS} rounds of "
-            f"{m['tokens']} tokens: {m['decode_tok_s']:.1f} tok/s.")
+    by_step = m.get("step_by_step_tok_s")
+    return (f"\n\nSampled decode (`--parts sampled`): the quantized model above decoding a reply that is not "
+            f"greedy with the default preset '{m['preset']}' (penalties, DRY and filters as torch ops on the GPU "
+            f"over the logits and the token history), context {m['context']}, median of {DECODE_ROUNDS} rounds of "
+            f"{m['tokens']} tokens: {m['decode_tok_s']:.1f} tok/s as a batch-1 reply runs (the sampler queued "
+            "behind each step on the GPU, the next step queued before its token is read)"
+            + (f"; {by_step:.1f} tok/s step by step as a batch's loop runs (the host reading each token before "
+               "the next step)." if by_step else "."))
 
 
 DECODE_ROUNDS = 5  # a decode figure is the median of this many rounds
@@ -580,7 +600,7 @@ def measure_model(model, context: int, decode_tokens: int = 128, fused: bool = T
     did, the argmax taken by torch on the step's logits and the token written from the host
     (host_argmax_tok_s); each the median of DECODE_ROUNDS rounds of `decode_tokens`, every round from
     `context` tokens (the cache rewound between rounds). decode_tok_s is greedy generation's own loop
-    (CudaGraphDecoder.greedy_tokens: each replay queued before the token of the one before is read);
+    (CudaGraphDecoder.pipelined_tokens: each replay queued before the token of the one before is read);
     step_sync_tok_s replays and reads one token at a time. The cache holds `cache_slots` slots, or just
     enough."""
     import torch
@@ -611,7 +631,7 @@ def measure_model(model, context: int, decode_tokens: int = 128, fused: bool = T
         token = int(decoder.step(first, cache).argmax())
 
     def pipelined(tokens: int) -> float:  # the clock stops at the last token read; closing drops the step
-        with closing(decoder.greedy_tokens(token, cache)) as stream:  # queued past it
+        with closing(decoder.pipelined_tokens(token, cache)) as stream:  # queued past it
             start = time.perf_counter()
             for _ in zip(range(tokens), stream):
                 pass
@@ -802,7 +822,7 @@ def report(path: Path) -> None:
         + groups_text(r, copy)
         + "\n\nLlama-3-8B shapes (32 layers, hidden 4096, MLP 14336, 8 KV heads, vocab 128256), random weights, "
         "batch 1, float16 activations. Greedy decode at context 1024, the host reading every token as greedy "
-        "generation does (`CudaGraphDecoder.greedy_tokens`, which `trimtab`'s generation loop uses where every "
+        "generation does (`CudaGraphDecoder.pipelined_tokens`, which `trimtab`'s generation loop uses where every "
         "token is the argmax of the logits): one CUDA graph replay per token (`backend/cuda_decode.py`) whose last "
         "kernel takes the argmax and sets up the next step, each replay queued before the token of the one before "
         "is read, the clock stopped at the last token read"

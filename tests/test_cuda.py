@@ -422,8 +422,8 @@ def test_greedy_steps_decode_the_previous_argmax():
 
 @needs_cuda
 @pytest.mark.parametrize("fused", [True, False], ids=["trimtab kernels", "torch ops"])
-def test_greedy_tokens_are_the_steps_argmaxes_and_rewind_when_closed(fused):
-    """greedy_tokens (pipelined: a step queued before the last one's token is read) yields what step()
+def test_pipelined_tokens_are_the_steps_argmaxes_and_rewind_when_closed(fused):
+    """pipelined_tokens (a step queued before the last one's token is read), greedy, yields what step()
     by step() greedy decoding gives; closed early, the cache holds the tokens fed up to the last taken,
     the step queued past it forgotten, and decoding goes on from there; run dry, it stops at a full cache."""
     from contextlib import closing
@@ -439,20 +439,25 @@ def test_greedy_tokens_are_the_steps_argmaxes_and_rewind_when_closed(fused):
     for _ in range(10):
         token = int(decoder.step(token, host_cache).argmax())
         host.append(token)
-    with closing(decoder.greedy_tokens(7, cache)) as stream:
+    with closing(decoder.pipelined_tokens(7, cache)) as stream:
         taken = [t for _, t in zip(range(4), stream)]
     assert taken == host[:4] and cache.length == 24   # 7 and the first 3 taken; the 4th is fed next
-    with closing(decoder.greedy_tokens(taken[-1], cache)) as stream:
+    with closing(decoder.pipelined_tokens(taken[-1], cache)) as stream:
         taken += [t for _, t in zip(range(6), stream)]
     assert taken == host and cache.length == 30
     torch.testing.assert_close(cache.keys[1][:, :, :30], host_cache.keys[1][:, :, :30])
-    rest = list(decoder.greedy_tokens(taken[-1], cache))
+    rest = list(decoder.pipelined_tokens(taken[-1], cache))
     assert len(rest) == 64 - 30 and cache.length == 64
 
 
 @needs_cuda
-def test_greedy_tokens_refuse_nan_logits():
-    """A model whose logits are NaN: greedy_tokens raises the sampler's kind of error, not a token."""
+def test_pipelined_tokens_refuse_nan_logits():
+    """A model whose logits are NaN: pipelined_tokens raises the sampler's kind of error, not a token, greedy
+    or with the sampler choosing."""
+    from trimtab.backend.generation import SamplingOnDevice
+    from trimtab.backend.sampling import Sampler
+    from trimtab.backend.settings import GenerationSettings
+
     from trimtab.backend.errors import TrimtabError
 
     model = small_llama(True, torch.float32, 64, None)
@@ -460,14 +465,14 @@ def test_greedy_tokens_refuse_nan_logits():
     cache = model.new_cache(1, 16)
     model.cuda_decoder.prefill(torch.tensor([[1, 2, 3]], device="cuda"), cache)
     with pytest.raises(TrimtabError, match="logits hold NaN"):
-        next(model.cuda_decoder.greedy_tokens(5, cache))
+        next(model.cuda_decoder.pipelined_tokens(5, cache))
 
 
 @needs_cuda
-def test_greedy_generation_picks_tokens_on_the_gpu_as_the_sampler_would(tmp_path, monkeypatch):
-    """Greedy chat with nothing that changes a logit (DRY, on in the default preset, turned off) takes its
-    tokens from greedy_tokens, and replies as the sampler's loop (the GPU path turned off) does; a
-    repetition penalty keeps the sampler's loop."""
+def test_generation_picks_tokens_on_the_gpu_as_the_samplers_loop_would(tmp_path, monkeypatch):
+    """Chat takes its tokens after the first from pipelined_tokens: greedy with nothing that changes a logit
+    (DRY, on in the default preset, turned off) from the graph's argmax, anything else with the sampler
+    choosing behind each step; both reply as the sampler's loop (the GPU path turned off) does."""
     pytest.importorskip("transformers")
     import trimtab
     from tiny_models import write_tiny_model_dir
@@ -477,18 +482,84 @@ def test_greedy_generation_picks_tokens_on_the_gpu_as_the_sampler_would(tmp_path
     write_tiny_model_dir("llama", tmp_path)
     model = trimtab.load(tmp_path, device="cuda")
     prompt = [{"role": "user", "content": "w5 w6 w7"}]
-    streams = []
-    real = CudaGraphDecoder.greedy_tokens
-    monkeypatch.setattr(CudaGraphDecoder, "greedy_tokens", lambda *a: streams.append(a) or real(*a))
-    greedy = dict(temperature=0, max_new_tokens=12, dry_multiplier=0)
-    fast = model.chat(prompt, **greedy)
-    assert len(streams) == 1
-    model.chat(prompt, **greedy, repetition_penalty=1.1)
-    assert len(streams) == 1
-    monkeypatch.setattr(generation.Generation, "_argmax_on_gpu", lambda *a: False)
-    slow = model.chat(prompt, **greedy)
-    assert fast.token_ids == slow.token_ids and len(fast.token_ids) > 1
-    assert fast.text == slow.text and fast.finish_reason == slow.finish_reason
+    choosers = []
+    real = CudaGraphDecoder.pipelined_tokens
+    monkeypatch.setattr(CudaGraphDecoder, "pipelined_tokens",
+                        lambda self, token, cache, choose=None: choosers.append(choose) or real(self, token, cache, choose))
+    kinds = [dict(temperature=0, max_new_tokens=12, dry_multiplier=0),
+             dict(temperature=0, max_new_tokens=12, dry_multiplier=0, repetition_penalty=1.1),
+             dict(max_new_tokens=24, seed=3),                      # the default preset: sampled, DRY on
+             dict(max_new_tokens=24, seed=4, temperature=0.9, top_k=20, min_p=0.05, min_new_tokens=4)]
+    fast = [model.chat(prompt, **kind) for kind in kinds]
+    assert [c is None for c in choosers] == [True, False, False, False]
+    monkeypatch.setattr(generation.Generation, "_pipelined", lambda *a: False)
+    for kind, reply in zip(kinds, fast):
+        slow = model.chat(prompt, **kind)
+        assert reply.token_ids == slow.token_ids and len(reply.token_ids) > 1, kind
+        assert reply.text == slow.text and reply.finish_reason == slow.finish_reason
+    assert len(choosers) == 4
+
+
+@needs_cuda
+@pytest.mark.parametrize("preset", ["balanced", "precise", "creative", "penalties"])
+def test_sampler_choose_never_waits_for_the_gpu(preset):
+    """Sampler.choose on the GPU with a checked history reads nothing back (torch's sync debug mode raises
+    on any wait), and picks the tokens the call picks."""
+    from trimtab.backend.presets import load_preset
+    from trimtab.backend.sampling import Sampler
+    from trimtab.backend.settings import GenerationSettings
+
+    V = 1000
+    options = (dict(temperature=0.8, repetition_penalty=1.2, repetition_penalty_decay=8, presence_penalty=0.3,
+                    frequency_penalty=0.1, no_repeat_ngram_size=3, typical_p=0.9, top_k=50, min_p=0.02,
+                    dry_multiplier=0.8, logit_bias={3: 2.0}, custom_token_bans=(4,), seed=1)
+               if preset == "penalties" else {**load_preset(preset), "seed": 1})
+    gen = torch.Generator().manual_seed(0)
+    history = torch.randint(0, 30, (1, 300), generator=gen).cuda()   # a small alphabet: runs for DRY to find
+    logits = (torch.randn(1, V, generator=gen) * 4).cuda()
+    make = lambda: Sampler(GenerationSettings(**options), vocab_size=V, eos_token_ids=[0], device="cuda")
+    waiting, free = make(), make()
+    expected = [waiting(logits, history[:, :n]) for n in (100, 200, 300)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        chosen = [free.choose(logits, history[:, :n], history_checked=True) for n in (100, 200, 300)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for (tokens, problems), want in zip(chosen, expected):
+        assert torch.equal(tokens, want) and problems.tolist() == [0]
+
+
+@needs_cuda
+def test_pipelined_tokens_with_the_sampler_choosing_match_step_by_step_and_rewind():
+    """pipelined_tokens with SamplingOnDevice yields what step() and the sampler give one token at a time
+    (same seed, DRY on); closed, the cache holds the tokens fed up to the last taken."""
+    from contextlib import closing
+
+    from trimtab.backend.generation import SamplingOnDevice
+    from trimtab.backend.sampling import Sampler
+    from trimtab.backend.settings import GenerationSettings
+
+    model = small_llama(True, torch.float32, 64, None)
+    decoder, V = model.cuda_decoder, model.args.vocab_size
+    settings = GenerationSettings(temperature=1.5, seed=11, dry_multiplier=0.8)
+    prompt = torch.randint(0, V, (1, 20), generator=torch.Generator().manual_seed(4))
+    host_cache, cache = model.new_cache(1, 64), model.new_cache(1, 64)
+    for c in (host_cache, cache):
+        decoder.prefill(prompt.cuda(), c)
+    sampler = Sampler(settings, vocab_size=V, eos_token_ids=[], device="cuda")
+    history, token, host = prompt.tolist()[0] + [7], 7, []
+    for _ in range(10):
+        logits = decoder.step(token, host_cache)
+        token = int(sampler(logits[None].float(), torch.tensor([history], device="cuda"))[0])
+        history.append(token)
+        host.append(token)
+    sampler = Sampler(settings, vocab_size=V, eos_token_ids=[], device="cuda")
+    choose = SamplingOnDevice(sampler, torch.tensor([prompt.tolist()[0] + [7]]), max_new_tokens=40, min_new_tokens=0)
+    with closing(decoder.pipelined_tokens(7, cache, choose)) as stream:
+        taken = [t for _, t in zip(range(10), stream)]
+    assert taken == host and cache.length == 30   # 7 and the first 9 taken; the step queued past them forgotten
+    torch.testing.assert_close(cache.keys[1][:, :, :30], host_cache.keys[1][:, :, :30])
 
 
 @needs_cuda

@@ -132,32 +132,41 @@ def test_dry_steers_greedy_decoding_out_of_a_loop(model):
     assert seq_rep_n(dry.token_ids, 4) < seq_rep_n(plain.token_ids, 4)
 
 
-class ArgmaxOnHost:
-    """Stands in for the CUDA graph decoder on the CPU: greedy_tokens as step-by-step argmax through the
-    model's own forward, counting the loops it was asked for and the tokens they gave."""
+class DecoderOnHost:
+    """Stands in for the CUDA graph decoder on the CPU: pipelined_tokens step by step through the model's own
+    forward, each token its logits' argmax or choose's pick, counting the loops it was asked for, those given
+    a chooser, and the tokens they gave."""
 
     def __init__(self, transformer):
-        self.transformer, self.loops, self.tokens = transformer, 0, 0
+        self.transformer, self.loops, self.chosen_loops, self.tokens = transformer, 0, 0, 0
 
-    def greedy_tokens(self, token, cache):
+    def pipelined_tokens(self, token, cache, choose=None):
         import torch
 
         self.loops += 1
+        self.chosen_loops += choose is not None
         t = self.transformer
+        step = 0
         while cache.length < cache.max_len:
             t.cuda_decoder = None           # the forward's generic path, not this stand-in
             try:
                 logits = t.forward(torch.tensor([[token]]), cache)[0, -1]
             finally:
                 t.cuda_decoder = self
-            token = int(logits.argmax())
+            if choose is None:
+                token = int(logits.argmax())
+            else:
+                token, problem = choose(logits, step).tolist()
+                if problem:
+                    raise choose.error(problem)
+            step += 1
             self.tokens += 1
             yield token
 
 
 def test_greedy_generation_takes_argmax_tokens_from_the_graph_decoder(model):
     """Where every token is the argmax of the logits (greedy, DRY off, no penalty), the generation loop
-    takes its tokens from the decoder's greedy_tokens (the GPU's pipelined loop) after the first: the same
+    takes its tokens from the decoder's pipelined_tokens (the GPU's loop), argmax, after the first: the same
     reply as the sampler's loop, stop strings, EOS and max_new_tokens included; a cancel ends it."""
     t = model.transformer
     plain = greedy(model, dry_multiplier=0, ban_eos_token=False)
@@ -165,7 +174,7 @@ def test_greedy_generation_takes_argmax_tokens_from_the_graph_decoder(model):
     assert len(words) >= 4, plain.text
     stop = words[1][-1] + " " + words[2][:2]   # as test_stop_string_split_across_tokens_cuts_exactly cuts
     cut = model.chat(PROMPT, temperature=0, max_new_tokens=12, dry_multiplier=0, stop=[stop])
-    stand_in = ArgmaxOnHost(t)
+    stand_in = DecoderOnHost(t)
     t.cuda_decoder = stand_in
     try:
         fast = greedy(model, dry_multiplier=0, ban_eos_token=False)
@@ -180,5 +189,61 @@ def test_greedy_generation_takes_argmax_tokens_from_the_graph_decoder(model):
             if i == 2:
                 stream.cancel()
         assert i >= 2 and stream.completion.finish_reason == "cancelled" and stand_in.loops == 3
+        assert stand_in.chosen_loops == 0
     finally:
         t.cuda_decoder = None
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.9, seed=5, dry_multiplier=0.8, min_new_tokens=6),
+                                      dict(temperature=0, repetition_penalty=1.3, ban_eos_token=False),
+                                      dict(temperature=0.7, seed=9, top_p=0.9, dry_multiplier=1.5,
+                                           stop=["w2"], max_new_tokens=40)])
+def test_sampled_generation_takes_tokens_chosen_behind_the_graph_decoder(model, settings):
+    """A reply that is not the logits' argmax (sampled, or penalised) takes its tokens after the first from
+    the decoder's pipelined_tokens with the sampler as its chooser (SamplingOnDevice: the history kept and
+    grown beside the steps, EOS held off for min_new_tokens): the same reply as the sampler's loop."""
+    t = model.transformer
+    settings = {"max_new_tokens": 30, "guard": "off", **settings}
+    plain = model.chat(PROMPT, **settings)
+    stand_in = DecoderOnHost(t)
+    t.cuda_decoder = stand_in
+    try:
+        fast = model.chat(PROMPT, **settings)
+    finally:
+        t.cuda_decoder = None
+    assert stand_in.loops == stand_in.chosen_loops == 1
+    assert (fast.token_ids, fast.text, fast.finish_reason) == (plain.token_ids, plain.text, plain.finish_reason)
+    assert len(plain.token_ids) >= settings.get("min_new_tokens", 2)
+
+
+def test_sampling_on_device_holds_eos_off_for_exactly_min_new_tokens(model):
+    """EOS biased to be every step's argmax (so the sampler, chosen behind the decoder, picks it): the
+    reply is exactly min_new_tokens long, as in the sampler's loop."""
+    t = model.transformer
+    eos = model.tokenizer.eos_token_ids[0]
+    settings = dict(temperature=0, logit_bias={eos: 50.0}, min_new_tokens=5, max_new_tokens=30, guard="off")
+    plain = model.chat(PROMPT, **settings)
+    t.cuda_decoder = DecoderOnHost(t)
+    try:
+        held = model.chat(PROMPT, **settings)
+    finally:
+        t.cuda_decoder = None
+    assert (held.token_ids, held.finish_reason) == (plain.token_ids, plain.finish_reason)
+    assert len(held.token_ids) == 5 and held.finish_reason == "eos"
+
+
+def test_sampling_on_device_raises_the_samplers_error_for_nan_logits(model):
+    """The chooser's problem for NaN logits is the sampler's own error, raised by the loop that reads it."""
+    import torch
+    from trimtab.backend.errors import TrimtabError
+    from trimtab.backend.generation import SamplingOnDevice
+    from trimtab.backend.sampling import Sampler
+    from trimtab.backend.settings import GenerationSettings
+
+    sampler = Sampler(GenerationSettings(temperature=0.5), vocab_size=8, eos_token_ids=[0])
+    choose = SamplingOnDevice(sampler, torch.tensor([[1, 2, 3]]), max_new_tokens=4, min_new_tokens=0)
+    token, problem = choose(torch.full((8,), float("nan")), 0).tolist()
+    assert problem and choose.length == 4
+    with pytest.raises(TrimtabError, match=r"logits of batch row\(s\) \[0\] hold NaN"):
+        raise choose.error(problem)
+    assert choose(torch.arange(8.0), 1).tolist()[1] == 0
