@@ -51,9 +51,9 @@ from trimtab.backend.quant.cuda_linear import (CudaPackedLinear, RowNorm, gemv, 
 class TokenChooser(Protocol):
     """How pipelined_tokens picks a step's token when it is not the graph's argmax (generation.SamplingOnDevice)."""
 
-    def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
-        """logits [V] of the loop's step `step` (0, 1, ...; overwritten by the next step) → [2] int64 on the
-        device: the token and its problem (0 for none), queued on the current stream without waiting for it."""
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [V] of the loop's next step (overwritten by the step after) → [2] int64 on the device: the
+        token and its problem (0 for none), queued on the current stream without waiting for it."""
 
     def error(self, problem: int) -> TrimtabError:
         """The error for a nonzero problem."""
@@ -170,7 +170,7 @@ class CudaGraphDecoder:
 
     def pipelined_tokens(self, token: int, cache: KVCache, choose: TokenChooser | None = None) -> Iterator[int]:
         """Decoding from `token` (fed into slot cache.length): yields each step's next token, the argmax of its
-        logits chosen inside the graph (greedy) or, given `choose`, what choose(logits, step) picks on the device
+        logits chosen inside the graph (greedy) or, given `choose`, what choose(logits) picks on the device
         behind the step (the sampler: generation.SamplingOnDevice). Pipelined: a step's replay (and its choice)
         is queued before the token of the step before is read, so the GPU does not wait for the host between
         tokens. Closing the generator (`contextlib.closing`, or the end of a `for` over it that runs to
@@ -186,7 +186,7 @@ class CudaGraphDecoder:
             """Queue a step and its choice → the chosen token on the device, which the next step reads."""
             nonlocal launched
             logits = self.step(fed, cache)                                         # [V]
-            chosen = self.greedy_out if choose is None else choose(logits, launched)  # [2] (token, problem)
+            chosen = self.greedy_out if choose is None else choose(logits)  # [2] (token, problem)
             kept[launched % 2].copy_(chosen)   # before the next step overwrites it
             landed[launched % 2].record()
             launched += 1

@@ -48,28 +48,71 @@ def decode_one_token(model: Transformer, cache: KVCache, tokens: torch.Tensor) -
 
 class SamplingOnDevice:
     """The sampler choosing each token of a batch-1 reply on the GPU behind the decode step that gives its
-    logits (a CudaGraphDecoder TokenChooser): the history stays on the device and grows there, and nothing
-    waits for the device, so the host queues the next step before it reads this one's token."""
+    logits (a CudaGraphDecoder TokenChooser). Everything it reads and writes stays on the device in buffers
+    of fixed size: the history right-aligned in a window as long as the whole reply can make it (each token
+    shifts it), its length, the reply's length (for min_new_tokens) and the generator's draws for the
+    reply, taken up front in the order the sampler's loop takes them. So nothing waits for the device, and
+    on a GPU the whole choice is one CUDA graph, captured at the first call: the sampler's ~90 torch ops
+    cost the host a replay instead of ~2 ms of launches, and the host queues the next step before it reads
+    this one's token."""
 
     def __init__(self, sampler: Sampler, history: torch.Tensor, max_new_tokens: int, min_new_tokens: int):
         """history [1, T]: the prompt (checked) and the reply's first token, which the first step decodes;
         the reply may grow to `max_new_tokens` tokens, EOS allowed once it holds `min_new_tokens`."""
+        device, T = sampler.device, history.shape[1]
         self.sampler, self.min_new_tokens = sampler, min_new_tokens
-        self.length = history.shape[1]
-        self.history = torch.zeros(1, self.length + max_new_tokens, dtype=torch.int64, device=sampler.device)
-        self.history[:, :self.length] = history.to(sampler.device)
+        self.window = torch.zeros(1, T + max_new_tokens, dtype=torch.int64, device=device)  # [1, W]
+        self.window[:, -T:] = history.to(device)
+        self.length = torch.tensor([T], device=device)        # the history's tokens (right-aligned)
+        self.replied = torch.tensor([1], device=device)       # the reply's tokens
+        self.draws = None if sampler.settings.greedy else sampler.uniforms(max_new_tokens).to(device)  # [max_new]
+        self.logits = torch.zeros(1, sampler.vocab_size, device=device)                # [1, V] float32
+        self.chosen: torch.Tensor | None = None                                        # [2] (token, problem)
+        self.graph = None
 
-    def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
-        """logits [V] → [2] int64 on the device: the sampled token (now in the history) and its problem."""
-        tokens, problems = self.sampler.choose(logits[None], self.history[:, :self.length],
-                                               allow_eos=1 + step >= self.min_new_tokens,  # reply token 1 + step
-                                               history_checked=True)
-        self.history[:, self.length] = tokens
-        self.length += 1
-        return torch.cat([tokens, problems])
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [V] → [2] int64 on the device: the sampled token (now in the history) and its problem;
+        valid until the next call."""
+        self.logits.copy_(logits[None])
+        if self.logits.device.type != "cuda":
+            return self._choose()
+        self.prepare()
+        self.graph.replay()
+        return self.chosen
+
+    def prepare(self) -> None:
+        """On a GPU, capture the choice's graph now, if not yet (the first call does otherwise): one warm-up
+        run off the default stream, as capture needs (the buffers it advanced are put back), then the
+        capture, which runs nothing."""
+        if self.graph is not None or self.logits.device.type != "cuda":
+            return
+        device = self.logits.device
+        state = [t.clone() for t in (self.window, self.length, self.replied)]
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            self._choose()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        for buffer, saved in zip((self.window, self.length, self.replied), state):
+            buffer.copy_(saved)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.chosen = self._choose()
 
     def error(self, problem: int) -> TrimtabError:
         return Sampler.problem_error(problem, [0])
+
+    def _choose(self) -> torch.Tensor:
+        """One choice from the buffers, advancing them → [2] int64 (token, problem)."""
+        uniform = None                                       # the draw for reply token `replied` [1]
+        if self.draws is not None:
+            uniform = self.draws.index_select(0, (self.replied - 1).clamp_(max=self.draws.shape[0] - 1))
+        tokens, problems = self.sampler.choose(self.logits, self.window, self.length, uniform=uniform,
+                                               allow_eos=self.replied >= self.min_new_tokens)
+        self.window.copy_(torch.cat([self.window[:, 1:], tokens[:, None]], dim=1))
+        self.length.add_(1)
+        self.replied.add_(1)
+        return torch.cat([tokens, problems])
 
 
 @dataclass

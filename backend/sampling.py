@@ -200,19 +200,22 @@ class Sampler:
         """logits [B, V], history [B, T] int64, history_mask [B, T] bool → next tokens [B] int64."""
         return self._pick(self.apply_penalties(logits, history, history_mask, allow_eos=allow_eos))
 
-    def choose(self, logits: Tensor, history: Tensor, history_mask: Tensor | None = None, *,
-               allow_eos: bool | Tensor = True, history_checked: bool = False) -> tuple[Tensor, Tensor]:
-        """As the call, without raising for a row no token can come from: → next tokens [B] int64 and each
-        row's problem [B] int64 (0, NAN_LOGITS or ALL_BANNED; such a row's token means nothing). With
-        `history_checked` (its ids are known to lie in the vocabulary) nothing waits for the device."""
-        scores, problems = self._penalised(logits, history, history_mask, allow_eos, history_checked)
-        return self._pick(scores), problems
+    def choose(self, logits: Tensor, history: Tensor, real: Tensor, *, allow_eos: bool | Tensor = True,
+               uniform: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """As the call, for a history kept on the device: nothing waits for the device and every shape is
+        the inputs' (so a CUDA graph can hold it), and a row no token can come from does not raise.
+        history [B, T] int64 holds each row's `real` [B] tokens right-aligned (ids known to lie in the
+        vocabulary; the columns before them are ignored); `uniform` [1] float64, on the device, is step
+        11's draw instead of one from the generator. → next tokens [B] int64 and each row's problem [B]
+        int64 (0, NAN_LOGITS or ALL_BANNED; such a row's token means nothing)."""
+        scores, problems = self._penalised(logits, history, None, allow_eos, real)
+        return self._pick(scores, uniform), problems
 
-    def _pick(self, scores: Tensor) -> Tensor:
+    def _pick(self, scores: Tensor, uniform: Tensor | None = None) -> Tensor:
         """Steps 5-11 on the penalised logits [B, V] → tokens [B]."""
         if self.settings.greedy:
             return scores.argmax(dim=-1)
-        return self._draw(_softmax(self.apply_filters(scores)))
+        return self._draw(_softmax(self.apply_filters(scores)), uniform)
 
     def probabilities(self, logits: Tensor, history: Tensor, history_mask: Tensor | None = None,
                       allow_eos: bool | Tensor = True) -> Tensor:
@@ -245,7 +248,7 @@ class Sampler:
     def apply_penalties(self, logits: Tensor, history: Tensor, history_mask: Tensor | None = None, *,
                         allow_eos: bool | Tensor = True) -> Tensor:
         """Steps 1-4 → float32 logits [B, V] (a new tensor; the input is left alone)."""
-        scores, problems = self._penalised(logits, history, history_mask, allow_eos, False)
+        scores, problems = self._penalised(logits, history, history_mask, allow_eos, None)
         self.raise_problems(problems)
         return scores
 
@@ -267,8 +270,8 @@ class Sampler:
                             "(bans, EOS ban and no_repeat_ngram_size together leave nothing)")
 
     def _penalised(self, logits: Tensor, history: Tensor, history_mask: Tensor | None, allow_eos: bool | Tensor,
-                   history_checked: bool) -> tuple[Tensor, Tensor]:
-        """Steps 1-4 → float32 logits [B, V] and each row's problem [B] (see `choose`)."""
+                   real: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Steps 1-4 → float32 logits [B, V] and each row's problem [B] (see `choose`, and its `real`)."""
         s = self.settings
         V = self.vocab_size
         if logits.dim() != 2 or logits.shape[-1] != V:
@@ -296,7 +299,10 @@ class Sampler:
 
         uses_range = self._uses_range
         if uses_range or s.no_repeat_ngram_size > 0:
-            tokens, n_real = self._compact(history, history_mask, B, history_checked)
+            if real is None:
+                tokens, n_real = self._compact(history, history_mask, B)
+            else:
+                tokens, n_real = history, real
             T = tokens.shape[1]
             age = torch.arange(T - 1, -1, -1, device=self.device)[None, :]            # [1, T]
             real = age < n_real[:, None]                                              # [B, T]
@@ -387,10 +393,10 @@ class Sampler:
         drop.scatter_(-1, x.argmax(dim=-1, keepdim=True), False)
         return x.masked_fill(drop, NEG_INF)
 
-    def _compact(self, history: Tensor, mask: Tensor | None, B: int, checked: bool) -> tuple[Tensor, Tensor]:
+    def _compact(self, history: Tensor, mask: Tensor | None, B: int) -> tuple[Tensor, Tensor]:
         """→ the history with its real tokens moved to the right end in order (masked ids set to 0),
-        and each row's real-token count [B]. Left-padded input comes back unchanged. Unless `checked`,
-        ids outside the vocabulary raise (which waits for the device)."""
+        and each row's real-token count [B]. Left-padded input comes back unchanged. Ids outside the
+        vocabulary raise."""
         if history.dim() != 2 or history.shape[0] != B:
             raise TrimtabError(f"sampler: history must be [{B}, T], got {list(history.shape)}")
         tokens = history.to(device=self.device, dtype=torch.int64)
@@ -407,11 +413,10 @@ class Sampler:
             n_real = mask.sum(dim=-1)
             real = torch.arange(T - 1, -1, -1, device=self.device)[None, :] < n_real[:, None]
             tokens = tokens.masked_fill(~real, 0)
-        if not checked:
-            bad = (tokens < 0) | (tokens >= self.vocab_size)
-            if bool(bad.any()):
-                raise TrimtabError(f"sampler: history holds token ids outside the vocabulary "
-                                   f"(0..{self.vocab_size - 1}): {sorted(set(tokens[bad].tolist()))[:5]}")
+        bad = (tokens < 0) | (tokens >= self.vocab_size)
+        if bool(bad.any()):
+            raise TrimtabError(f"sampler: history holds token ids outside the vocabulary "
+                               f"(0..{self.vocab_size - 1}): {sorted(set(tokens[bad].tolist()))[:5]}")
         return tokens, n_real
 
     def _repetition_penalty(self, scores: Tensor, tokens: Tensor, age: Tensor, in_range: Tensor,
@@ -498,11 +503,15 @@ class Sampler:
                 break
         return length
 
-    def _draw(self, probs: Tensor, u: float | None = None) -> Tensor:
+    def uniforms(self, n: int) -> Tensor:
+        """The generator's next `n` draws for step 11 [n] float64 (as n calls would take them)."""
+        return torch.rand(n, dtype=torch.float64, generator=self._generator)
+
+    def _draw(self, probs: Tensor, u: float | Tensor | None = None) -> Tensor:
         """Inverse-CDF draw with one uniform u in [0, 1) shared by every row (drawn from the
-        generator unless given) → [B] int64."""
+        generator unless given; a float or a [1] tensor on the device) → [B] int64."""
         if u is None:
-            u = torch.rand((), dtype=torch.float64, generator=self._generator).item()
+            u = self.uniforms(1).item()
         cdf = probs.to(torch.float64).cumsum(dim=-1)
         total = cdf[:, -1:]
         # strictly below the total, so the token found always has probability > 0

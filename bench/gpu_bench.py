@@ -517,8 +517,14 @@ def sampled_tok_s(model, context: int, tokens: int, preset: str) -> dict:
     def rewind() -> None:
         cache.truncate(context)
 
+    captures = []
+
     def pipelined(n: int) -> float:  # the clock stops at the last token read; closing drops the step queued past it
+        start = time.perf_counter()
         choose = SamplingOnDevice(new_sampler(), history[:, :context + 1], n + 1, 0)
+        choose.prepare()   # its graph captured, as a reply's first step does: timed on its own
+        torch.cuda.synchronize()
+        captures.append(time.perf_counter() - start)
         with closing(model.cuda_decoder.pipelined_tokens(int(history[0, context]), cache, choose)) as stream:
             start = time.perf_counter()
             for _ in zip(range(n), stream):
@@ -536,7 +542,8 @@ def sampled_tok_s(model, context: int, tokens: int, preset: str) -> dict:
         return time.perf_counter() - start
 
     return {"decode_tok_s": median_tok_s(pipelined, tokens, rewind),
-            "step_by_step_tok_s": median_tok_s(step_by_step, tokens, rewind)}
+            "step_by_step_tok_s": median_tok_s(step_by_step, tokens, rewind),
+            "chooser_setup_ms": sorted(captures)[len(captures) // 2] * 1e3}
 
 
 SAMPLED_PRESET = "balanced"  # the default preset (backend/presets.py DEFAULT_PRESET)
@@ -560,11 +567,14 @@ def sampled_text(r: dict) -> str:
     if not m:
         return ""
     by_step = m.get("step_by_step_tok_s")
+    setup = m.get("chooser_setup_ms")
     return (f"\n\nSampled decode (`--parts sampled`): the quantized model above decoding a reply that is not "
             f"greedy with the default preset '{m['preset']}' (penalties, DRY and filters as torch ops on the GPU "
             f"over the logits and the token history), context {m['context']}, median of {DECODE_ROUNDS} rounds of "
-            f"{m['tokens']} tokens: {m['decode_tok_s']:.1f} tok/s as a batch-1 reply runs (the sampler queued "
-            "behind each step on the GPU, the next step queued before its token is read)"
+            f"{m['tokens']} tokens: {m['decode_tok_s']:.1f} tok/s as a batch-1 reply runs (the sampler as one CUDA "
+            "graph behind each step, the next step queued before its token is read"
+            + (f"; capturing the sampler's graph takes {setup:.1f} ms a reply, before its second token, not "
+               "counted in tok/s)" if setup else ")")
             + (f"; {by_step:.1f} tok/s step by step as a batch's loop runs (the host reading each token before "
                "the next step)." if by_step else "."))
 

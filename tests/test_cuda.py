@@ -503,8 +503,8 @@ def test_generation_picks_tokens_on_the_gpu_as_the_samplers_loop_would(tmp_path,
 @needs_cuda
 @pytest.mark.parametrize("preset", ["balanced", "precise", "creative", "penalties"])
 def test_sampler_choose_never_waits_for_the_gpu(preset):
-    """Sampler.choose on the GPU with a checked history reads nothing back (torch's sync debug mode raises
-    on any wait), and picks the tokens the call picks."""
+    """Sampler.choose on the GPU reads nothing back (torch's sync debug mode raises on any wait) and picks the
+    tokens the call picks from the same draws, with the history right-aligned in a longer window."""
     from trimtab.backend.presets import load_preset
     from trimtab.backend.sampling import Sampler
     from trimtab.backend.settings import GenerationSettings
@@ -520,10 +520,13 @@ def test_sampler_choose_never_waits_for_the_gpu(preset):
     make = lambda: Sampler(GenerationSettings(**options), vocab_size=V, eos_token_ids=[0], device="cuda")
     waiting, free = make(), make()
     expected = [waiting(logits, history[:, :n]) for n in (100, 200, 300)]
+    windows = [torch.cat([torch.full((1, 400 - n), 7, device="cuda"), history[:, :n]], 1) for n in (100, 200, 300)]
+    draws = free.uniforms(3).cuda()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        chosen = [free.choose(logits, history[:, :n], history_checked=True) for n in (100, 200, 300)]
+        chosen = [free.choose(logits, window, torch.tensor([n], device="cuda"), uniform=draws[i:i + 1])
+                  for i, (n, window) in enumerate(zip((100, 200, 300), windows))]
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for (tokens, problems), want in zip(chosen, expected):
