@@ -521,12 +521,12 @@ def test_sampler_choose_never_waits_for_the_gpu(preset):
     waiting, free = make(), make()
     expected = [waiting(logits, history[:, :n]) for n in (100, 200, 300)]
     windows = [torch.cat([torch.full((1, 400 - n), 7, device="cuda"), history[:, :n]], 1) for n in (100, 200, 300)]
-    draws = free.uniforms(3).cuda()
+    draws, reals = free.uniforms(3).cuda(), [torch.tensor([n], device="cuda") for n in (100, 200, 300)]
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error")   # a copy from the host waits too: every input is made before
     try:
-        chosen = [free.choose(logits, window, torch.tensor([n], device="cuda"), uniform=draws[i:i + 1])
-                  for i, (n, window) in enumerate(zip((100, 200, 300), windows))]
+        chosen = [free.choose(logits, window, real, uniform=draws[i:i + 1])
+                  for i, (real, window) in enumerate(zip(reals, windows))]
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for (tokens, problems), want in zip(chosen, expected):
