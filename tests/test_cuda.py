@@ -534,6 +534,35 @@ def test_sampler_choose_never_waits_for_the_gpu(preset):
 
 
 @needs_cuda
+@pytest.mark.parametrize("preset", ["balanced", "precise", "creative", "penalties"])
+def test_sampling_on_device_graph_chooses_as_its_torch_ops_do(preset):
+    """SamplingOnDevice's CUDA graph (every sampler step a preset or the penalties use, captured) picks the
+    tokens and problems, and leaves the history, that the same choice run as torch ops does."""
+    from trimtab.backend.generation import SamplingOnDevice
+    from trimtab.backend.presets import load_preset
+    from trimtab.backend.sampling import Sampler
+    from trimtab.backend.settings import GenerationSettings
+
+    V = 1000
+    options = (dict(temperature=0.8, repetition_penalty=1.2, repetition_penalty_decay=8, presence_penalty=0.3,
+                    frequency_penalty=0.1, no_repeat_ngram_size=3, typical_p=0.9, top_k=50, min_p=0.02,
+                    dry_multiplier=0.8, logit_bias={3: 2.0}, custom_token_bans=(4,), seed=1)
+               if preset == "penalties" else {**load_preset(preset), "seed": 1})
+    gen = torch.Generator().manual_seed(0)
+    history = torch.randint(0, 30, (1, 200), generator=gen)
+    graph, ops = (SamplingOnDevice(Sampler(GenerationSettings(**options), vocab_size=V, eos_token_ids=[0],
+                                           device="cuda"), history, 8, 3) for _ in range(2))
+    for _ in range(6):
+        logits = (torch.randn(V, generator=gen) * 4).cuda()
+        logits[:: 97] = float("-inf")
+        chosen = graph(logits).clone()
+        ops.logits.copy_(logits[None])
+        assert torch.equal(chosen, ops._choose())
+    assert graph.graph is not None and torch.equal(graph.window, ops.window)
+    assert graph.length.tolist() == [206] and graph.replied.tolist() == [7]
+
+
+@needs_cuda
 def test_pipelined_tokens_with_the_sampler_choosing_match_step_by_step_and_rewind():
     """pipelined_tokens with SamplingOnDevice yields what step() and the sampler give one token at a time
     (same seed, DRY on); closed, the cache holds the tokens fed up to the last taken."""
