@@ -71,10 +71,12 @@ greedy); `apply_penalties` (steps 1-4) and `apply_filters` (steps 6-10) are expo
 tools. Errors (TrimtabError): ids outside the vocabulary in bans, biases or EOS ids (at
 construction) or in the history; logits of the wrong width; a row with every token banned, or NaN.
 
-`Sampler.choose` is the call without the host: it returns the tokens and each row's problem (0, or
-NAN_LOGITS / ALL_BANNED, which `problem_error` words as the call would raise it) and, given a history
-already checked, never waits for the device: a GPU decode loop can queue the next step behind it
-before it reads the token (CudaGraphDecoder.pipelined_tokens). Nothing in it depends on a value read
+`Sampler.choose` is the call without the host, for a history kept on the device (right-aligned, its
+length a device tensor, already checked) and a draw given as a device tensor: it returns the tokens
+and each row's problem (0, or NAN_LOGITS / ALL_BANNED, which `problem_error` words as the call would
+raise it), never waits for the device and keeps every shape fixed, so a GPU decode loop can capture it
+as a CUDA graph and queue the next step behind it before it reads the token
+(generation.SamplingOnDevice, CudaGraphDecoder.pipelined_tokens). Nothing in it depends on a value read
 back from the device (DRY on a GPU takes every run length at once, not offset by offset until none
 is left), and softmaxes are written as reductions over the row: torch's softmax gives a row one
 block, 77 us for one row of a 128k vocabulary on an H100, against a few us for these.
