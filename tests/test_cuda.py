@@ -500,20 +500,27 @@ def test_generation_picks_tokens_on_the_gpu_as_the_samplers_loop_would(tmp_path,
     assert len(choosers) == 4
 
 
+def _sampler_options(preset: str) -> dict:
+    """Seeded sampler settings: a preset's, or "penalties": every penalty and filter at once."""
+    if preset == "penalties":
+        return dict(temperature=0.8, repetition_penalty=1.2, repetition_penalty_decay=8, presence_penalty=0.3,
+                    frequency_penalty=0.1, no_repeat_ngram_size=3, typical_p=0.9, top_k=50, min_p=0.02,
+                    dry_multiplier=0.8, logit_bias={3: 2.0}, custom_token_bans=(4,), seed=1)
+    from trimtab.backend.presets import load_preset
+
+    return {**load_preset(preset), "seed": 1}
+
+
 @needs_cuda
 @pytest.mark.parametrize("preset", ["balanced", "precise", "creative", "penalties"])
 def test_sampler_choose_never_waits_for_the_gpu(preset):
     """Sampler.choose on the GPU reads nothing back (torch's sync debug mode raises on any wait) and picks the
     tokens the call picks from the same draws, with the history right-aligned in a longer window."""
-    from trimtab.backend.presets import load_preset
     from trimtab.backend.sampling import Sampler
     from trimtab.backend.settings import GenerationSettings
 
     V = 1000
-    options = (dict(temperature=0.8, repetition_penalty=1.2, repetition_penalty_decay=8, presence_penalty=0.3,
-                    frequency_penalty=0.1, no_repeat_ngram_size=3, typical_p=0.9, top_k=50, min_p=0.02,
-                    dry_multiplier=0.8, logit_bias={3: 2.0}, custom_token_bans=(4,), seed=1)
-               if preset == "penalties" else {**load_preset(preset), "seed": 1})
+    options = _sampler_options(preset)
     gen = torch.Generator().manual_seed(0)
     history = torch.randint(0, 30, (1, 300), generator=gen).cuda()   # a small alphabet: runs for DRY to find
     logits = (torch.randn(1, V, generator=gen) * 4).cuda()
@@ -539,15 +546,11 @@ def test_sampling_on_device_graph_chooses_as_its_torch_ops_do(preset):
     """SamplingOnDevice's CUDA graph (every sampler step a preset or the penalties use, captured) picks the
     tokens and problems, and leaves the history, that the same choice run as torch ops does."""
     from trimtab.backend.generation import SamplingOnDevice
-    from trimtab.backend.presets import load_preset
     from trimtab.backend.sampling import Sampler
     from trimtab.backend.settings import GenerationSettings
 
     V = 1000
-    options = (dict(temperature=0.8, repetition_penalty=1.2, repetition_penalty_decay=8, presence_penalty=0.3,
-                    frequency_penalty=0.1, no_repeat_ngram_size=3, typical_p=0.9, top_k=50, min_p=0.02,
-                    dry_multiplier=0.8, logit_bias={3: 2.0}, custom_token_bans=(4,), seed=1)
-               if preset == "penalties" else {**load_preset(preset), "seed": 1})
+    options = _sampler_options(preset)
     gen = torch.Generator().manual_seed(0)
     history = torch.randint(0, 30, (1, 200), generator=gen)
     graph, ops = (SamplingOnDevice(Sampler(GenerationSettings(**options), vocab_size=V, eos_token_ids=[0],
