@@ -50,8 +50,8 @@ class SamplingOnDevice:
     """The sampler choosing each token of a batch-1 reply on the GPU behind the decode step that gives its
     logits (a CudaGraphDecoder TokenChooser). Everything it reads and writes stays on the device in buffers
     of fixed size: the history right-aligned in a window as long as the whole reply can make it (each token
-    shifts it), its length, the reply's length (for min_new_tokens) and the generator's draws for the
-    reply, taken up front in the order the sampler's loop takes them. So nothing waits for the device, and
+    shifts it), the reply's length (for min_new_tokens; the history's follows from it) and the generator's
+    draws for the reply, taken up front in the order the sampler's loop takes them. So nothing waits for the device, and
     on a GPU the whole choice is one CUDA graph, captured at the first call: the sampler's ~90 torch ops
     cost the host a replay instead of ~2 ms of launches, and the host queues the next step before it reads
     this one's token."""
@@ -63,7 +63,7 @@ class SamplingOnDevice:
         self.sampler, self.min_new_tokens = sampler, min_new_tokens
         self.window = torch.zeros(1, T + max_new_tokens, dtype=torch.int64, device=device)  # [1, W]
         self.window[:, -T:] = history.to(device)
-        self.length = torch.tensor([T], device=device)        # the history's tokens (right-aligned)
+        self.before_reply = T - 1                              # the history's tokens before the reply's
         self.replied = torch.tensor([1], device=device)       # the reply's tokens
         self.draws = None if sampler.settings.greedy else sampler.uniforms(max_new_tokens).to(device)  # [max_new]
         self.logits = torch.zeros(1, sampler.vocab_size, device=device)                # [1, V] float32
@@ -87,13 +87,13 @@ class SamplingOnDevice:
         if self.graph is not None or self.logits.device.type != "cuda":
             return
         device = self.logits.device
-        state = [t.clone() for t in (self.window, self.length, self.replied)]
+        state = [t.clone() for t in (self.window, self.replied)]
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             self._choose()
         torch.cuda.current_stream(device).wait_stream(stream)
-        for buffer, saved in zip((self.window, self.length, self.replied), state):
+        for buffer, saved in zip((self.window, self.replied), state):
             buffer.copy_(saved)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
@@ -101,6 +101,11 @@ class SamplingOnDevice:
 
     def error(self, problem: int) -> TrimtabError:
         return Sampler.problem_error(problem, [0])
+
+    @property
+    def length(self) -> torch.Tensor:
+        """[1] on the device: the history's tokens (right-aligned in the window)."""
+        return self.replied + self.before_reply
 
     def _choose(self) -> torch.Tensor:
         """One choice from the buffers, advancing them → [2] int64 (token, problem)."""
@@ -110,7 +115,6 @@ class SamplingOnDevice:
         tokens, problems = self.sampler.choose(self.logits, self.window, self.length, uniform=uniform,
                                                allow_eos=self.replied >= self.min_new_tokens)
         self.window.copy_(torch.cat([self.window[:, 1:], tokens[:, None]], dim=1))
-        self.length.add_(1)
         self.replied.add_(1)
         return torch.cat([tokens, problems])
 
