@@ -547,7 +547,7 @@ __device__ __forceinline__ int last_block_of(const GemvArgs& a, int tile) {
 // to kUnwritten once read, for the next call), + bias + residual → y; the tile's counter reset for the
 // next call (graph replay). One poll is usually all: the others' stores went out before their counts.
 constexpr int kPartialBatch = 16;
-constexpr long long kPollLimit = 1ll << 22;  // seconds: a slot never written is a bug (a trap), not a wait
+constexpr long long kPollLimit = 1ll << 22;  // polls: a slot never written is a bug (a trap), not a wait
 template <typename T, int NB>
 __device__ void add_partials(const GemvArgs& a, const Block& blk, int tile, const Addends<T, NB>& addends) {
   const int first = first_block_of(a, tile), last = last_block_of(a, tile);
